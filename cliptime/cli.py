@@ -1,0 +1,56 @@
+"""What every job shares: flags from the dataclass configs, one-line errors, a JSON object as the last line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import ray
+
+from cliptime.config import TrainConfig, add_dataclass_args, from_namespace
+from cliptime.errors import CliptimeError
+from cliptime.tasks import TASKS
+
+
+def user_error(e: BaseException) -> CliptimeError | None:
+    """The CliptimeError behind `e`, also when it was raised inside a Ray task or worker."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, CliptimeError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def run_job(job: Callable[[], object]) -> int:
+    """Run `job`; print its result's JSON as the last stdout line (exit 0) or a one-line error (exit 2)."""
+    try:
+        result = job()
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        # Flush what Ray's workers still have to print before the final JSON line.
+        ray.shutdown()
+    print(result.to_json(), flush=True)
+    return 0
+
+
+def train_main(task_name: str, description: str, argv: list[str] | None = None) -> int:
+    task_cls = TASKS[task_name]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, task_cls.Config, f"{task_name} task")
+    add_dataclass_args(parser, TrainConfig, "training, scale and tracking")
+    args = parser.parse_args(argv)
+
+    def job():
+        from cliptime import train
+
+        return train.run(task_cls(from_namespace(task_cls.Config, args)), from_namespace(TrainConfig, args))
+
+    return run_job(job)

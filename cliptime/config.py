@@ -1,0 +1,111 @@
+"""Typed configs. Dataclasses everywhere inside; command-line flags and YAML only at the edges.
+
+Every field carries its help text in `metadata["help"]`, so a job's `--help` documents every flag and a tune
+space can name any field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cliptime.errors import CliptimeError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with its help text (lists and tuples get a default_factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """What every task's training run shares: schedule, scale, checkpoints, tracking."""
+
+    epochs: int = option(8, "training epochs")
+    batch_size: int = option(64, "global batch size (split evenly across workers)")
+    lr: float = option(1e-3, "peak learning rate (AdamW, cosine decay after a linear warm-up)")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    warmup_fraction: float = option(0.05, "fraction of all steps spent in linear warm-up")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this value (0: off)")
+    seed: int = option(0, "seed for model init, data order and augmentation")
+    num_workers: int = option(1, "Ray Train workers (one process each; DDP when more than one)")
+    use_gpu: bool = option(False, "one GPU per worker")
+    amp: bool = option(True, "bf16 autocast when training on GPUs (ignored on CPU)")
+    cpus_per_worker: int = option(1, "CPUs reserved per worker; the rest of the cluster feeds Ray Data")
+    storage_path: str = option("~/ray_results", "where checkpoints and Ray results go (local dir, NFS or s3://)")
+    name: str = option("", "run name under --storage-path (default: <task>-<timestamp>)")
+    resume: str = option(
+        "", "resume the named run (or 'latest') from its last checkpoint", nargs="?", const="latest"
+    )
+    experiment: str = option("cliptime", "MLflow experiment name")
+    register: bool = option(True, "register the trained model in the MLflow model registry")
+
+
+def _field_type(cls, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """Add one `--flag` per field of dataclass `cls`, with its default and help, in its own group."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        helptext = f"{f.metadata.get('help', '')} (default: {default!r})"
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif typing.get_origin(kind) in (tuple, list):
+            inner = typing.get_args(kind)[0]
+            group.add_argument(flag, type=inner, nargs=len(default), default=default, help=helptext, **extra)
+        else:
+            group.add_argument(flag, type=kind, default=default, help=helptext, **extra)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+    return from_dict(cls, values)
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build `cls` from a plain dict (e.g. a tune trial's config), rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise CliptimeError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            kind = _field_type(cls, f)
+            v = values[f.name]
+            kwargs[f.name] = tuple(v) if typing.get_origin(kind) is tuple else v
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flat_params(prefix: str, cfg: Any) -> dict[str, Any]:
+    """`{prefix.field: value}` for logging a config as MLflow params."""
+    return {f"{prefix}.{k}": v for k, v in dataclasses.asdict(cfg).items()}
+
+
+__all__ = [
+    "TrainConfig",
+    "add_dataclass_args",
+    "from_dict",
+    "from_namespace",
+    "flat_params",
+    "option",
+    "to_dict",
+]

@@ -1,0 +1,119 @@
+"""Parquet shards: one directory per data set, written atomically, checked before Ray reads them.
+
+Layout::
+
+    DATA_DIR/
+      manifest.json          # task, schema version, row counts per split and label, how it was made
+      train/*.parquet        # columns and types: the task's `schema` (documented in the task module)
+      val/*.parquet
+      test/*.parquet
+
+Shards are written into a hidden temporary directory beside DATA_DIR and renamed into place only when every split
+and the manifest are complete, so a failed or interrupted run leaves no half-written data set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+
+from cliptime.errors import CliptimeError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def label_counts(ds: ray.data.Dataset, label: str) -> dict[str, int]:
+    return {row[label]: int(row["count()"]) for row in ds.groupby(label).count().take_all()}
+
+
+def write_shards(
+    datasets: dict[str, ray.data.Dataset],
+    out_dir: str | Path,
+    *,
+    task: str,
+    label: str,
+    source: dict[str, Any],
+    rows_per_file: int = 2000,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write each split's rows as Parquet shards plus a manifest; return the manifest."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise CliptimeError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        counts = {}
+        for split, ds in datasets.items():
+            ds = ds.materialize()
+            ds.write_parquet(str(tmp / split), min_rows_per_file=rows_per_file)
+            counts[split] = {"rows": ds.count(), label: label_counts(ds, label)}
+        manifest = {"task": task, "schema_version": SCHEMA_VERSION, "splits": counts, "source": source}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def read_manifest(data_dir: str | Path, task: str) -> dict[str, Any]:
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise CliptimeError(f"data directory {root} does not exist")
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CliptimeError(f"{path} is missing: {root} was not written by `jobs/make_shards.py`") from None
+    except json.JSONDecodeError as e:
+        raise CliptimeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if manifest.get("task") != task:
+        raise CliptimeError(f"{root} holds data for task {manifest.get('task')!r}, not {task!r}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CliptimeError(
+            f"{path}: schema version {manifest.get('schema_version')!r}, this cliptime reads {SCHEMA_VERSION}"
+        )
+    return manifest
+
+
+def check_shard(path: Path, schema: pa.Schema) -> None:
+    """Read the footer of one shard: truncated or corrupt files and missing or mistyped columns fail here."""
+    try:
+        found = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CliptimeError(f"corrupt or truncated Parquet shard {path}: {first_line}") from None
+    for want in schema:
+        if want.name not in found.names:
+            raise CliptimeError(f"Parquet shard {path} has no column {want.name!r}")
+        got = found.field(want.name).type
+        if not (got == want.type or (pa.types.is_large_binary(got) and pa.types.is_binary(want.type))):
+            raise CliptimeError(f"Parquet shard {path}: column {want.name!r} is {got}, expected {want.type}")
+
+
+def open_shards(data_dir: str | Path, task: str, schema: pa.Schema) -> tuple[dict[str, ray.data.Dataset], dict]:
+    """Check every shard of every split, then return lazy Ray datasets over them and the manifest."""
+    manifest = read_manifest(data_dir, task)
+    root = Path(data_dir).expanduser().resolve()
+    datasets = {}
+    for split in SPLITS:
+        files = sorted((root / split).glob("*.parquet"))
+        if not files:
+            raise CliptimeError(f"data directory {root} has no Parquet shards for split {split!r}")
+        for f in files:
+            check_shard(f, schema)
+        datasets[split] = ray.data.read_parquet([str(f) for f in files], columns=schema.names)
+    return datasets, manifest

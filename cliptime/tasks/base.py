@@ -1,0 +1,76 @@
+"""The task interface: what a model family plugs into the one Ray Train / Tune / MLflow path.
+
+A task owns its data (generator, shard schema, decode), its model, its loss and its evaluation; `cliptime.train`
+owns the loop, checkpoints, resume, DDP, reporting, MLflow logging and registration. A new task is one new
+module with one `Task` subclass, registered in `cliptime.tasks.TASKS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Iterable
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+NumpyBatch = dict[str, np.ndarray]
+
+
+class Task(ABC):
+    name: ClassVar[str]  # CLI and manifest name, e.g. "cliptime"
+    registered_model: ClassVar[str]  # MLflow registered model name, e.g. "cliptime-fungal"
+    Config: ClassVar[type]  # the task's dataclass config
+    schema: ClassVar[pa.Schema]  # columns and types of the task's Parquet shards
+    label_column: ClassVar[str]  # counted per split in shard manifests
+    monitor: ClassVar[str]  # the validation metric that says how good a model is (higher is better)
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Validate the config before anything starts (raise CliptimeError naming the bad setting)."""
+
+    @abstractmethod
+    def generate(self) -> dict[str, ray.data.Dataset]:
+        """The task's procedurally generated data set, one lazy dataset of shard-schema rows per split."""
+
+    def check_manifest(self, manifest: dict) -> None:
+        """Reject shards made for another configuration (sample rate, clip length, ...)."""
+
+    @abstractmethod
+    def preprocessor(self, split: str) -> Callable[[NumpyBatch], NumpyBatch]:
+        """A picklable `map_batches` function: shard rows -> model-ready arrays (decode, augment, tokenize).
+
+        It runs in Ray Data, in parallel with training, not in the training step."""
+
+    # -- model and loss ------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self, load_pretrained: bool = True) -> nn.Module:
+        """The model; `load_pretrained=False` skips pretrained weights that a checkpoint will replace."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, named parts to log) for one batch on the worker's device."""
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
+        """(metrics, outputs) over held-out batches; outputs are the arrays the figures are drawn from."""
+
+    def figures(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """Named matplotlib figures for MLflow."""
+        return {}
+
+    # -- serving -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def input_example(self) -> Any:
+        """A small pyfunc input (a pandas DataFrame) used for the MLflow signature and a smoke prediction."""
+
+    @abstractmethod
+    def predict(self, model: nn.Module, inputs: Any) -> Any:
+        """pyfunc prediction: a DataFrame of inputs -> a DataFrame of outputs."""

@@ -1,0 +1,311 @@
+"""CLIPTime on fungal growth: stage classification and timestamp regression from an image and its caption.
+
+Shard schema (`FungalTask.schema`), one row per photo:
+
+    image     binary   PNG (or JPEG) bytes, RGB
+    stage     string   spore | hyphae | mycelium
+    hours     float64  hours since the start of the series
+    t         float32  normalized time in [0, 1] over the data set's time range (the regression target)
+    caption   string   a description of the photo (from a template set, or the user's own)
+    sequence  string   the series (colony, camera) the photo belongs to: splits never cut a series
+    frame     int32    position of the photo in its series
+
+Model: an open_clip backbone embeds image and caption; the L2-normalized embeddings are fused (`sum`, the
+paper's element-wise sum, or `concat`); a linear classifier predicts the stage and a time head (the paper's
+Time-Transformer, or an MLP for the ablation) regresses t with a sigmoid. Loss: `cls_weight * CE +
+time_weight * MSE`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray.data
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cliptime.config import option
+from cliptime.data.fungal_growth import (
+    NEUTRAL_CAPTION,
+    STAGES,
+    caption_templates,
+    generate_sequence,
+    split_of_sequence,
+)
+from cliptime.errors import CliptimeError
+from cliptime.models.heads import time_head
+from cliptime.models.open_clip_backbone import (
+    check_backbone,
+    create_backbone,
+    embed_dim,
+    image_size,
+    tokenizer_for,
+)
+from cliptime.tasks.base import Batch, NumpyBatch, Task
+
+
+@dataclass
+class FungalConfig:
+    data: str = option("", "Parquet shard directory from jobs/make_shards.py (default: generate the data)")
+    sequences: int = option(40, "generated colonies (time-lapse sequences), split 70/15/15 by sequence")
+    frames: int = option(100, "frames per generated sequence (frame i has t = i / (frames - 1))")
+    image_size: int = option(64, "generated image size in pixels")
+    hours: tuple[float, float] = option((0.0, 72.0), "time range in hours that a sequence covers")
+    templates: str = option("generic", "caption template set of the generated data: generic or detailed")
+    data_seed: int = option(0, "seed of the generated data set")
+    model: str = option("cliptime-tiny-vit", "open_clip model name (the project registers cliptime-tiny-vit)")
+    pretrained: str = option("", "open_clip weights: a local checkpoint file, or an open_clip tag (network)")
+    freeze_backbone: bool = option(False, "keep the open_clip backbone frozen, train only the heads")
+    fusion: str = option("sum", "how image and text embeddings are fused: sum (paper) or concat")
+    head: str = option("transformer", "time head: transformer (the paper's Time-Transformer) or mlp")
+    head_depth: int = option(2, "time head depth (encoder layers, or MLP hidden layers)")
+    head_heads: int = option(8, "attention heads of the Time-Transformer")
+    ffn_dim: int = option(2048, "feed-forward width of the Time-Transformer (hidden width of the MLP head)")
+    cls_weight: float = option(1.0, "weight of the stage classification loss")
+    time_weight: float = option(1.0, "weight of the time regression loss")
+    caption_dropout: float = option(
+        0.2, "probability of training with a stage-neutral caption, so image-only prediction works"
+    )
+
+
+class CLIPTimeModel(nn.Module):
+    """open_clip backbone + fusion + stage classifier + time head. Takes uint8 HWC images and token ids."""
+
+    def __init__(self, backbone: nn.Module, preprocess_cfg: dict, dim: int, cfg: FungalConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.image_size = tuple(preprocess_cfg["size"])
+        self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.fusion = cfg.fusion
+        fused = dim * (2 if cfg.fusion == "concat" else 1)
+        self.classifier = nn.Linear(fused, len(STAGES))
+        self.time_head = time_head(cfg.head, fused, cfg.head_depth, cfg.head_heads, cfg.ffn_dim)
+        if cfg.freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image.permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        img = F.normalize(self.backbone.encode_image(x), dim=-1)
+        txt = F.normalize(self.backbone.encode_text(tokens), dim=-1)
+        fused = img + txt if self.fusion == "sum" else torch.cat([img, txt], dim=-1)
+        return self.classifier(fused), self.time_head(fused)
+
+
+def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    return np.asarray(image)
+
+
+class FungalPreprocessor:
+    """Shard rows -> uint8 images at the model's size, token ids, stage index, normalized time.
+
+    Training batches are augmented with flips and quarter turns (growth has no orientation) and caption dropout.
+    """
+
+    def __init__(self, model: str, image_size: tuple[int, int], train: bool, caption_dropout: float):
+        self.model, self.size, self.train, self.caption_dropout = model, image_size, train, caption_dropout
+        self._tokenizer = None
+
+    def __call__(self, batch: NumpyBatch) -> NumpyBatch:
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_for(self.model)
+        images = np.stack([decode_image(b, self.size) for b in batch["image"]])
+        captions = [str(c) for c in batch["caption"]]
+        if self.train:
+            rng = np.random.default_rng()
+            images = np.stack([np.rot90(im, int(rng.integers(4))) for im in images])
+            flip = rng.random(len(images)) < 0.5
+            images[flip] = images[flip, :, ::-1]
+            drop = rng.random(len(captions)) < self.caption_dropout
+            captions = [NEUTRAL_CAPTION if d else c for c, d in zip(captions, drop)]
+        return {
+            "image": np.ascontiguousarray(images),
+            "tokens": self._tokenizer(captions).numpy(),
+            "stage": np.array([STAGES.index(s) for s in batch["stage"]], dtype=np.int64),
+            "t": np.asarray(batch["t"], dtype=np.float32),
+        }
+
+
+def _generate_batch(batch: dict, **kwargs) -> pa.Table:
+    tables = [pa.table(generate_sequence(index=int(i), **kwargs), schema=FungalTask.schema) for i in batch["index"]]
+    return pa.concat_tables(tables)
+
+
+class FungalTask(Task):
+    name = "cliptime"
+    registered_model = "cliptime-fungal"
+    Config = FungalConfig
+    schema = pa.schema(
+        [
+            ("image", pa.binary()),
+            ("stage", pa.string()),
+            ("hours", pa.float64()),
+            ("t", pa.float32()),
+            ("caption", pa.string()),
+            ("sequence", pa.string()),
+            ("frame", pa.int32()),
+        ]
+    )
+    label_column = "stage"
+    monitor = "val/accuracy"
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        c = self.cfg
+        if not c.hours[1] > c.hours[0]:
+            raise CliptimeError(f"--hours {c.hours[0]:g} {c.hours[1]:g}: the time range must be positive")
+        if c.frames < 2:
+            raise CliptimeError(f"--frames {c.frames}: a sequence needs at least 2 frames")
+        splits = [split_of_sequence(i, c.sequences) for i in range(c.sequences)]
+        for split in ("train", "val", "test"):
+            if split not in splits and not c.data:
+                raise CliptimeError(f"--sequences {c.sequences} leaves the {split} split empty (use 7 or more)")
+        caption_templates(c.templates)
+        if c.fusion not in ("sum", "concat"):
+            raise CliptimeError(f"--fusion {c.fusion!r}: expected sum or concat")
+        if c.head not in ("transformer", "mlp"):
+            raise CliptimeError(f"--head {c.head!r}: expected transformer or mlp")
+        check_backbone(c.model, c.pretrained)
+        fused = embed_dim(c.model) * (2 if c.fusion == "concat" else 1)
+        if c.head == "transformer" and fused % c.head_heads:
+            raise CliptimeError(f"--head-heads {c.head_heads} does not divide the fused width {fused}")
+
+    def check_manifest(self, manifest: dict) -> None:
+        hours = manifest.get("source", {}).get("hours")
+        if hours is not None:
+            self.cfg.hours = (float(hours[0]), float(hours[1]))
+
+    def generate(self) -> dict[str, ray.data.Dataset]:
+        c = self.cfg
+        kwargs = dict(seed=c.data_seed, frames=c.frames, size=c.image_size, hours=tuple(c.hours),
+                      template_set=c.templates)
+        out = {}
+        for split in ("train", "val", "test"):
+            indices = [i for i in range(c.sequences) if split_of_sequence(i, c.sequences) == split]
+            items = ray.data.from_items([{"index": i} for i in indices], override_num_blocks=len(indices))
+            out[split] = items.map_batches(_generate_batch, batch_size=1, fn_kwargs=kwargs)
+        return out
+
+    def preprocessor(self, split: str) -> FungalPreprocessor:
+        size = tuple(image_size(self.cfg.model))
+        return FungalPreprocessor(self.cfg.model, size, split == "train", self.cfg.caption_dropout)
+
+    # -- model and loss ------------------------------------------------------------------------------------
+    def build_model(self, load_pretrained: bool = True) -> CLIPTimeModel:
+        c = self.cfg
+        backbone, preprocess_cfg = create_backbone(c.model, c.pretrained if load_pretrained else "")
+        return CLIPTimeModel(backbone, preprocess_cfg, embed_dim(c.model), c)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, t_pred = model(batch["image"], batch["tokens"])
+        cls = F.cross_entropy(logits, batch["stage"])
+        reg = F.mse_loss(t_pred.float(), batch["t"])
+        return self.cfg.cls_weight * cls + self.cfg.time_weight * reg, {"cls_loss": cls, "time_loss": reg}
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
+        from scipy.stats import spearmanr
+        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+        model.eval()
+        neutral = torch.from_numpy(tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION]).numpy())
+        stage, t, pred, pred_image_only, t_pred = [], [], [], [], []
+        for batch in batches:
+            logits, tp = model(batch["image"], batch["tokens"])
+            image_logits, _ = model(batch["image"], neutral.to(logits.device).expand(len(logits), -1))
+            stage.append(batch["stage"].cpu())
+            t.append(batch["t"].cpu())
+            pred.append(logits.argmax(-1).cpu())
+            pred_image_only.append(image_logits.argmax(-1).cpu())
+            t_pred.append(tp.float().cpu())
+        stage, t, pred = torch.cat(stage).numpy(), torch.cat(t).numpy(), torch.cat(pred).numpy()
+        pred_image_only, t_pred = torch.cat(pred_image_only).numpy(), torch.cat(t_pred).numpy()
+        span = self.cfg.hours[1] - self.cfg.hours[0]
+        err_hours = np.abs(t_pred - t) * span
+        metrics = {
+            "accuracy": accuracy_score(stage, pred),
+            "macro_f1": f1_score(stage, pred, average="macro", labels=range(len(STAGES)), zero_division=0),
+            "accuracy_image_only": accuracy_score(stage, pred_image_only),
+            "time_mae_hours": float(err_hours.mean()),
+        }
+        for i, name in enumerate(STAGES):
+            sel = stage == i
+            if sel.any():
+                metrics[f"time_mae_hours_{name}"] = float(err_hours[sel].mean())
+            if sel.sum() > 2 and np.ptp(t[sel]) > 0:
+                metrics[f"spearman_{name}"] = float(spearmanr(t_pred[sel], t[sel]).statistic)
+        outputs = {
+            "stage": stage,
+            "pred": pred,
+            "hours": self.cfg.hours[0] + t * span,
+            "hours_pred": self.cfg.hours[0] + t_pred * span,
+            "confusion": confusion_matrix(stage, pred, labels=range(len(STAGES))),
+        }
+        return {k: float(v) for k, v in metrics.items()}, outputs
+
+    def figures(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from sklearn.metrics import ConfusionMatrixDisplay
+
+        fig_cm, ax = plt.subplots(figsize=(4.5, 4))
+        ConfusionMatrixDisplay(outputs["confusion"], display_labels=STAGES).plot(ax=ax, colorbar=False)
+        ax.set_title("stage confusion (test)")
+        fig_cm.tight_layout()
+
+        fig_t, ax = plt.subplots(figsize=(5, 4.5))
+        for i, name in enumerate(STAGES):
+            sel = outputs["stage"] == i
+            ax.scatter(outputs["hours"][sel], outputs["hours_pred"][sel], s=6, alpha=0.6, label=name)
+        lo, hi = self.cfg.hours
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set_xlabel("true hours")
+        ax.set_ylabel("predicted hours")
+        ax.set_title("time prediction (test)")
+        ax.legend()
+        fig_t.tight_layout()
+        return {"confusion_matrix.png": fig_cm, "time_pred_vs_true.png": fig_t}
+
+    # -- serving -------------------------------------------------------------------------------------------
+    def input_example(self) -> pd.DataFrame:
+        blank = np.full((*image_size(self.cfg.model), 3), 200, dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(blank).save(buf, format="PNG")
+        return pd.DataFrame({"image": [buf.getvalue()], "caption": ["a photo of fungal hyphae"]})
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, inputs: pd.DataFrame) -> pd.DataFrame:
+        """inputs: `image` (encoded image bytes) and optional `caption` (empty: a stage-neutral caption)."""
+        model.eval()
+        device = next(model.parameters()).device
+        captions = inputs["caption"] if "caption" in inputs else pd.Series([""] * len(inputs))
+        captions = [c if isinstance(c, str) and c.strip() else NEUTRAL_CAPTION for c in captions]
+        images = []
+        for i, data in enumerate(inputs["image"]):
+            try:
+                images.append(decode_image(bytes(data), model.image_size))
+            except Exception as e:  # PIL raises several types for undecodable input
+                raise CliptimeError(f"input row {i}: not a readable image ({type(e).__name__})") from None
+        tokens = tokenizer_for(self.cfg.model)(captions).to(device)
+        logits, t_pred = model(torch.from_numpy(np.stack(images)).to(device), tokens)
+        probs = logits.softmax(-1).cpu().numpy()
+        hours = self.cfg.hours[0] + t_pred.float().cpu().numpy() * (self.cfg.hours[1] - self.cfg.hours[0])
+        out = pd.DataFrame({"stage": [STAGES[i] for i in probs.argmax(-1)], "hours": hours.astype(np.float64)})
+        for i, name in enumerate(STAGES):
+            out[f"prob_{name}"] = probs[:, i].astype(np.float64)
+        return out
+

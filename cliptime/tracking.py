@@ -1,0 +1,145 @@
+"""MLflow: where runs go, per-epoch logging from Ray Train, figures, and the registered pyfunc models.
+
+Default store: a SQLite file `mlflow.db` in the working directory, artifacts in `mlartifacts/` beside it;
+`MLFLOW_TRACKING_URI` overrides both (e.g. an `mlflow server` on a cluster).
+
+A registered model is an MLflow pyfunc whose artifacts are the task config (JSON) and the model's state dict;
+loading rebuilds the task's model and reads the weights with `torch.load(weights_only=True)`, so no pickled code
+object from the registry is ever executed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import requests
+import torch
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+import cliptime
+from cliptime.errors import CliptimeError
+
+DEFAULT_DB = "mlflow.db"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in one line, before any training, when a remote tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as e:
+        raise CliptimeError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__})") from None
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it (with artifacts beside a local SQLite store) if needed."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    uri = client.tracking_uri
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently by another run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class EpochLogger(UserCallback):
+    """Logs each epoch's reported metrics (rank 0's) to the MLflow run, with the epoch as step.
+
+    Runs in the Ray Train controller, on the driver's node: workers never need to reach the tracking store.
+    Only reports that carry a checkpoint are logged, and a resumed run reports from the epoch after its last
+    checkpoint, so a run interrupted and resumed has one continuous history.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if checkpoint is None or not metrics:
+            return
+        m = metrics[0]
+        step, now = int(m["epoch"]), int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in m.items() if k != "epoch"]
+        MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
+
+
+def log_figures(run_id: str, figures: dict[str, Any], client: MlflowClient) -> None:
+    import matplotlib.pyplot as plt
+
+    for name, fig in figures.items():
+        client.log_figure(run_id, fig, f"plots/{name}")
+        plt.close(fig)
+
+
+class TaskModel(mlflow.pyfunc.PythonModel):
+    """A registered cliptime model: the task's config and weights, predicted through the task's `predict`."""
+
+    def load_context(self, context) -> None:
+        from cliptime.tasks import make_task
+
+        meta = json.loads(Path(context.artifacts["config"]).read_text())
+        self.task = make_task(meta["task"], meta["task_config"])
+        self.model = self.task.build_model(load_pretrained=False)
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None):
+        return self.task.predict(self.model, model_input)
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of a served model (given explicitly: MLflow's inference would load the model)."""
+    names = ["torch", "numpy", "pandas", "pillow", "open_clip_torch", "laion-clap", "mlflow", "soundfile", "scipy"]
+    return [f"{n}=={importlib.metadata.version(n)}" for n in names]
+
+
+def log_and_register(
+    task, model: torch.nn.Module, task_config: dict, register: bool, tags: dict[str, str]
+) -> tuple[str, str | None]:
+    """Log the model as a pyfunc in the active run; register a new version unless `register` is off.
+
+    Returns (model URI of the logged model, registered version or None).
+    """
+    from mlflow.models import infer_signature
+
+    example = task.input_example()
+    signature = infer_signature(example, task.predict(model, example))
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, config = Path(tmp) / "weights.pt", Path(tmp) / "task_config.json"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        config.write_text(json.dumps({"task": task.name, "task_config": task_config}, indent=2))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TaskModel(),
+            artifacts={"weights": str(weights), "config": str(config)},
+            code_paths=[str(Path(cliptime.__file__).parent)],
+            signature=signature,
+            pip_requirements=_requirements(),
+            registered_model_name=task.registered_model if register else None,
+        )
+    version = None
+    if register:
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        for k, v in tags.items():
+            client.set_model_version_tag(task.registered_model, version, k, v)
+    return info.model_uri, version

@@ -1,0 +1,288 @@
+"""The one training path, generic over tasks.
+
+    data (shards or generator) -> Ray Data map_batches (decode/augment/tokenize)
+      -> TorchTrainer workers (DDP, checkpoint per epoch, resume) -> test evaluation -> MLflow run + registry
+
+`train_loop_per_worker` reads like plain PyTorch; everything task-specific comes from the `Task`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pyarrow.fs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cliptime import tracking
+from cliptime.config import TrainConfig, flat_params, from_dict
+from cliptime.data.shards import open_shards
+from cliptime.errors import CliptimeError
+from cliptime.tasks import make_task
+from cliptime.tasks.base import Task
+
+RUN_FILE = "cliptime_run.json"  # beside Ray's own files in STORAGE/NAME: what --resume needs
+EVAL_BATCH = 256
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+def load_data(task: Task) -> dict[str, ray.data.Dataset]:
+    """Raw shard-schema rows per split: the user's shards (checked first) or the task's generator (made once)."""
+    if task.cfg.data:
+        datasets, manifest = open_shards(task.cfg.data, task.name, task.schema)
+        task.check_manifest(manifest)
+        return datasets
+    return {split: ds.materialize() for split, ds in task.generate().items()}
+
+
+def preprocess(task: Task, raw: dict[str, ray.data.Dataset], batch_size: int) -> dict[str, ray.data.Dataset]:
+    return {
+        split: ds.map_batches(task.preprocessor(split), batch_format="numpy", batch_size=batch_size)
+        for split, ds in raw.items()
+    }
+
+
+# -- the training loop, on every worker ---------------------------------------------------------------------
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    task = make_task(config["task"], config["task_config"])
+    tc = from_dict(TrainConfig, config["train_config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+
+    model = task.build_model()
+    model = ray.train.torch.prepare_model(model)
+    module = model.module if hasattr(model, "module") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = config["steps_per_epoch"]
+    total = max(1, steps_per_epoch * tc.epochs)
+    warmup = max(1, int(tc.warmup_fraction * total))
+    scheduler = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup)),
+        ],
+        milestones=[warmup],
+    )
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+
+    amp = tc.use_gpu and tc.amp
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val")
+    per_worker_batch = tc.batch_size // world
+    for epoch in range(start_epoch, tc.epochs):
+        started = time.time()
+        model.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss, parts = task.loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        metrics = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+        metrics.update({f"train/{k}": v / max(steps, 1) for k, v in sums.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if rank == 0:
+                batches = val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    val_metrics, _ = task.evaluate(module, batches)
+                metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
+                state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch}
+                torch.save(state, Path(tmp) / "state.pt")
+                saved = ray.train.Checkpoint.from_directory(tmp)
+                shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "lr"))
+                print(f"epoch {epoch + 1}/{tc.epochs} ({steps} steps, {time.time() - started:.0f} s): {shown}",
+                      flush=True)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+# -- evaluation of a checkpoint, where the workers ran ------------------------------------------------------
+def load_checkpoint_model(task: Task, checkpoint: ray.train.Checkpoint, device: str = "cpu") -> torch.nn.Module:
+    model = task.build_model(load_pretrained=False)
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+@ray.remote
+def _evaluate_remote(task_name: str, task_config: dict, checkpoint, dataset: ray.data.Dataset, use_gpu: bool):
+    task = make_task(task_name, task_config)
+    device = "cuda" if use_gpu else "cpu"
+    model = load_checkpoint_model(task, checkpoint, device)
+    return task.evaluate(model, dataset.iter_torch_batches(batch_size=EVAL_BATCH, device=device))
+
+
+# -- the whole job ------------------------------------------------------------------------------------------
+@dataclass
+class JobResult:
+    task: str
+    run_id: str
+    run_name: str
+    model_name: str | None
+    model_version: str | None
+    metrics: dict[str, float]
+    checkpoint: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _storage(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str, str]:
+    """(filesystem, path within it, the storage path Ray should get) for a local dir or a URI."""
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    return fs, root, storage_path
+
+
+def _find_resumable(fs, root: str, task: str, name: str) -> tuple[str, dict]:
+    if name == "latest":
+        runs = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        candidates = []
+        for info in runs:
+            run_file = fs.get_file_info(f"{info.path}/{RUN_FILE}")
+            if info.type == pyarrow.fs.FileType.Directory and run_file.type == pyarrow.fs.FileType.File:
+                candidates.append((run_file.mtime, info.base_name))
+        matching = [n for _, n in sorted(candidates) if n.startswith(f"{task}-")]
+        if not matching:
+            raise CliptimeError(f"--resume: no {task} run to resume under {root}")
+        name = matching[-1]
+    try:
+        with fs.open_input_stream(f"{root}/{name}/{RUN_FILE}") as f:
+            return name, json.loads(f.read())
+    except FileNotFoundError:
+        raise CliptimeError(f"--resume {name}: no such run under {root}") from None
+
+
+def init_ray(train_config: TrainConfig) -> None:
+    """Connect to the cluster `ray job submit` runs us on (RAY_ADDRESS), or start a local Ray.
+
+    Locally Ray gets one logical CPU more than the workers reserve, so Ray Data always has one to run on.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    needed = train_config.num_workers * train_config.cpus_per_worker + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def run(task: Task, tc: TrainConfig) -> JobResult:
+    """Check inputs, train, evaluate on the test split, log everything and register the model."""
+    uri = tracking.tracking_uri()
+    fs, root, storage_path = _storage(tc.storage_path)
+    run_id = None
+    if tc.resume:
+        name, saved = _find_resumable(fs, root, task.name, tc.resume)
+        task = make_task(saved["task"], saved["task_config"])
+        tc = from_dict(TrainConfig, {**saved["train_config"], "resume": tc.resume})
+        run_id = saved["mlflow_run_id"]
+        print(f"resuming {name} (MLflow run {run_id}) with its saved configuration", flush=True)
+    else:
+        name = tc.name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    if tc.batch_size % tc.num_workers:
+        raise CliptimeError(f"--batch-size {tc.batch_size} is not divisible by --num-workers {tc.num_workers}")
+    task.check()
+    tracking.check_reachable(uri)
+    init_ray(tc)
+
+    raw = load_data(task)
+    n_train = raw["train"].count()
+    steps_per_epoch = n_train // tc.batch_size
+    if steps_per_epoch == 0:
+        raise CliptimeError(f"the train split has {n_train} rows, fewer than --batch-size {tc.batch_size}")
+    datasets = preprocess(task, raw, batch_size=max(1, tc.batch_size // tc.num_workers))
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    task_config, train_config = asdict(task.cfg), asdict(tc)
+    if run_id is None:
+        run = client.create_run(tracking.experiment_id(client, tc.experiment), run_name=name,
+                                tags={"cliptime.task": task.name})
+        run_id = run.info.run_id
+        params = {**flat_params("task", task.cfg), **flat_params("train", tc)}
+        mlflow.log_params(params, run_id=run_id)
+        fs.create_dir(f"{root}/{name}", recursive=True)
+        with fs.open_output_stream(f"{root}/{name}/{RUN_FILE}") as f:
+            f.write(json.dumps({"task": task.name, "task_config": task_config, "train_config": train_config,
+                                "mlflow_run_id": run_id}).encode())
+    try:
+        with mlflow.start_run(run_id=run_id):
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"task": task.name, "task_config": task_config, "train_config": train_config,
+                                   "steps_per_epoch": steps_per_epoch},
+                scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                             resources_per_worker={"CPU": tc.cpus_per_worker}),
+                run_config=RunConfig(name=name, storage_path=storage_path,
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                     callbacks=[tracking.EpochLogger(uri, run_id)]),
+                datasets={"train": datasets["train"], "val": datasets["val"]},
+                dataset_config=DataConfig(datasets_to_split=["train"]),
+            )
+            result = trainer.fit()
+            checkpoint = result.checkpoint
+            print("evaluating the final model on the test split", flush=True)
+            metrics, outputs = ray.get(
+                _evaluate_remote.options(num_gpus=1 if tc.use_gpu else 0).remote(
+                    task.name, task_config, checkpoint, datasets["test"], tc.use_gpu
+                )
+            )
+            test_metrics = {f"test/{k}": v for k, v in metrics.items()}
+            mlflow.log_metrics(test_metrics)
+            tracking.log_figures(run_id, task.figures(outputs), client)
+            model = load_checkpoint_model(task, checkpoint)
+            _, version = tracking.log_and_register(
+                task, model, task_config, tc.register,
+                tags={"run_name": name, **{k: f"{v:.4f}" for k, v in test_metrics.items()}},
+            )
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    final = {k: v for k, v in (result.metrics or {}).items() if k.startswith("val/")}
+    return JobResult(
+        task=task.name,
+        run_id=run_id,
+        run_name=name,
+        model_name=task.registered_model if version else None,
+        model_version=version,
+        metrics={**final, **test_metrics},
+        checkpoint=checkpoint.path,
+    )
+
