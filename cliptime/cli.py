@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from typing import Callable
 
@@ -37,7 +39,8 @@ def run_job(job: Callable[[], object]) -> int:
     finally:
         # Flush what Ray's workers still have to print before the final JSON line.
         ray.shutdown()
-    print(result.to_json(), flush=True)
+    payload = result if isinstance(result, dict) else dataclasses.asdict(result)
+    print(json.dumps(payload, sort_keys=True, default=str), flush=True)
     return 0
 
 
@@ -52,5 +55,36 @@ def train_main(task_name: str, description: str, argv: list[str] | None = None) 
         from cliptime import train
 
         return train.run(task_cls(from_namespace(task_cls.Config, args)), from_namespace(TrainConfig, args))
+
+    return run_job(job)
+
+
+GENERATORS = {"fungal": "cliptime", "sounds": "tclap"}  # make_shards subcommand -> task
+
+
+def make_shards_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Write a task's generated data set as Parquet shards (train/val/test + manifest.json).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command, task_name in GENERATORS.items():
+        task_cls = TASKS[task_name]
+        sub = commands.add_parser(command, help=f"the {task_name} task's generated data set")
+        sub.add_argument("out_dir", help="output directory (written atomically)")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        add_dataclass_args(sub, task_cls.Config, f"{task_name} data")
+    args = parser.parse_args(argv)
+
+    def job():
+        from cliptime.data.shards import write_shards
+        from cliptime.train import init_ray
+
+        task_cls = TASKS[GENERATORS[args.command]]
+        task = task_cls(from_namespace(task_cls.Config, args))
+        task.check()
+        init_ray()
+        manifest = write_shards(task.generate(), args.out_dir, task=task.name, label=task.label_column,
+                                source=task.source(), overwrite=args.overwrite)
+        return {"out_dir": args.out_dir, "manifest": manifest}
 
     return run_job(job)

@@ -61,14 +61,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
         kind = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f"{f.metadata.get('help', '')} (default: {default!r})"
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        flags = [flag, *f.metadata.get("aliases", ())]
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "aliases")}
+        extra.update(dest=f.name, default=default, help=helptext)
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **extra)
         elif typing.get_origin(kind) in (tuple, list):
-            inner = typing.get_args(kind)[0]
-            group.add_argument(flag, type=inner, nargs=len(default), default=default, help=helptext, **extra)
+            group.add_argument(*flags, type=typing.get_args(kind)[0], nargs=len(default), **extra)
         else:
-            group.add_argument(flag, type=kind, default=default, help=helptext, **extra)
+            group.add_argument(*flags, type=kind, **extra)
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:

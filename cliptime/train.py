@@ -189,38 +189,75 @@ def _find_resumable(fs, root: str, task: str, name: str) -> tuple[str, dict]:
         raise CliptimeError(f"--resume {name}: no such run under {root}") from None
 
 
-def init_ray(train_config: TrainConfig) -> None:
+def init_ray(reserved_cpus: int = 0) -> None:
     """Connect to the cluster `ray job submit` runs us on (RAY_ADDRESS), or start a local Ray.
 
-    Locally Ray gets one logical CPU more than the workers reserve, so Ray Data always has one to run on.
+    Locally Ray gets at least one logical CPU more than training workers reserve, so Ray Data always has one
+    to run on (with none left it stalls, and training waits on it forever).
     """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    needed = train_config.num_workers * train_config.cpus_per_worker + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, reserved_cpus + 1), include_dashboard=False)
+
+
+def _fit_and_test(task: Task, tc: TrainConfig, datasets: dict, name: str, storage_path: str, uri: str,
+                  run_id: str, steps_per_epoch: int):
+    """Train `task` under Ray run `name`, logging epochs to MLflow run `run_id`; evaluate on the test split."""
+    task_config, train_config = asdict(task.cfg), asdict(tc)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"task": task.name, "task_config": task_config, "train_config": train_config,
+                           "steps_per_epoch": steps_per_epoch},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[tracking.EpochLogger(uri, run_id)]),
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    print(f"{name}: evaluating the final model on the test split", flush=True)
+    metrics, outputs = ray.get(
+        _evaluate_remote.options(num_gpus=1 if tc.use_gpu else 0).remote(
+            task.name, task_config, result.checkpoint, datasets["test"], tc.use_gpu
+        )
+    )
+    return result, metrics, outputs
+
+
+class _RunFile:
+    """STORAGE/NAME/cliptime_run.json: the configs and MLflow run ids that `--resume` needs."""
+
+    def __init__(self, fs: pyarrow.fs.FileSystem, root: str, name: str):
+        self.fs, self.path = fs, f"{root}/{name}/{RUN_FILE}"
+        fs.create_dir(f"{root}/{name}", recursive=True)
+
+    def write(self, content: dict) -> None:
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(json.dumps(content, indent=2).encode())
 
 
 def run(task: Task, tc: TrainConfig) -> JobResult:
-    """Check inputs, train, evaluate on the test split, log everything and register the model."""
+    """Check inputs, train (and the task's baseline, if any), test, log everything and register the model."""
     uri = tracking.tracking_uri()
     fs, root, storage_path = _storage(tc.storage_path)
-    run_id = None
+    saved: dict = {}
     if tc.resume:
         name, saved = _find_resumable(fs, root, task.name, tc.resume)
         task = make_task(saved["task"], saved["task_config"])
         tc = from_dict(TrainConfig, {**saved["train_config"], "resume": tc.resume})
-        run_id = saved["mlflow_run_id"]
-        print(f"resuming {name} (MLflow run {run_id}) with its saved configuration", flush=True)
+        print(f"resuming {name} (MLflow run {saved['mlflow_run_id']}) with its saved configuration", flush=True)
     else:
         name = tc.name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     if tc.batch_size % tc.num_workers:
         raise CliptimeError(f"--batch-size {tc.batch_size} is not divisible by --num-workers {tc.num_workers}")
     task.check()
     tracking.check_reachable(uri)
-    init_ray(tc)
+    init_ray(tc.num_workers * tc.cpus_per_worker)
 
     raw = load_data(task)
     n_train = raw["train"].count()
@@ -231,45 +268,40 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    task_config, train_config = asdict(task.cfg), asdict(tc)
-    if run_id is None:
-        run = client.create_run(tracking.experiment_id(client, tc.experiment), run_name=name,
-                                tags={"cliptime.task": task.name})
-        run_id = run.info.run_id
-        params = {**flat_params("task", task.cfg), **flat_params("train", tc)}
-        mlflow.log_params(params, run_id=run_id)
-        fs.create_dir(f"{root}/{name}", recursive=True)
-        with fs.open_output_stream(f"{root}/{name}/{RUN_FILE}") as f:
-            f.write(json.dumps({"task": task.name, "task_config": task_config, "train_config": train_config,
-                                "mlflow_run_id": run_id}).encode())
+    run_file = _RunFile(fs, root, name)
+    if not saved:
+        run_id = client.create_run(tracking.experiment_id(client, tc.experiment), run_name=name,
+                                   tags={"cliptime.task": task.name}).info.run_id
+        mlflow.log_params({**flat_params("task", task.cfg), **flat_params("train", tc)}, run_id=run_id)
+        saved = {"task": task.name, "task_config": asdict(task.cfg), "train_config": asdict(tc),
+                 "mlflow_run_id": run_id}
+        run_file.write(saved)
+    run_id = saved["mlflow_run_id"]
     try:
         with mlflow.start_run(run_id=run_id):
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={"task": task.name, "task_config": task_config, "train_config": train_config,
-                                   "steps_per_epoch": steps_per_epoch},
-                scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                             resources_per_worker={"CPU": tc.cpus_per_worker}),
-                run_config=RunConfig(name=name, storage_path=storage_path,
-                                     checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                     callbacks=[tracking.EpochLogger(uri, run_id)]),
-                datasets={"train": datasets["train"], "val": datasets["val"]},
-                dataset_config=DataConfig(datasets_to_split=["train"]),
-            )
-            result = trainer.fit()
-            checkpoint = result.checkpoint
-            print("evaluating the final model on the test split", flush=True)
-            metrics, outputs = ray.get(
-                _evaluate_remote.options(num_gpus=1 if tc.use_gpu else 0).remote(
-                    task.name, task_config, checkpoint, datasets["test"], tc.use_gpu
-                )
-            )
+            result, metrics, outputs = _fit_and_test(task, tc, datasets, name, storage_path, uri, run_id,
+                                                     steps_per_epoch)
             test_metrics = {f"test/{k}": v for k, v in metrics.items()}
             mlflow.log_metrics(test_metrics)
-            tracking.log_figures(run_id, task.figures(outputs), client)
-            model = load_checkpoint_model(task, checkpoint)
+            baseline_outputs = None
+            baseline = task.baseline()
+            if baseline is not None:
+                if "baseline_run_id" not in saved:
+                    saved["baseline_run_id"] = client.create_run(
+                        tracking.experiment_id(client, tc.experiment), run_name=f"{name}-baseline",
+                        tags={"cliptime.task": task.name, "mlflow.parentRunId": run_id}).info.run_id
+                    mlflow.log_params(flat_params("task", baseline.cfg), run_id=saved["baseline_run_id"])
+                    run_file.write(saved)
+                _, baseline_metrics, baseline_outputs = _fit_and_test(
+                    baseline, tc, datasets, f"{name}-baseline", storage_path, uri, saved["baseline_run_id"],
+                    steps_per_epoch)
+                client.set_terminated(saved["baseline_run_id"])
+                mlflow.log_metrics({f"baseline/test/{k}": v for k, v in baseline_metrics.items()})
+                test_metrics.update({f"baseline/test/{k}": v for k, v in baseline_metrics.items()})
+            tracking.log_figures(run_id, task.figures(outputs, baseline_outputs), client)
+            model = load_checkpoint_model(task, result.checkpoint)
             _, version = tracking.log_and_register(
-                task, model, task_config, tc.register,
+                task, model, asdict(task.cfg), tc.register,
                 tags={"run_name": name, **{k: f"{v:.4f}" for k, v in test_metrics.items()}},
             )
     except BaseException:
@@ -283,6 +315,5 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
         model_name=task.registered_model if version else None,
         model_version=version,
         metrics={**final, **test_metrics},
-        checkpoint=checkpoint.path,
+        checkpoint=result.checkpoint.path,
     )
-

@@ -135,14 +135,15 @@ class ColonySequence:
         return base[None, None, :] * shade[..., None]
 
     def _grow_tree(self, rng, start, angle, birth, depth, s):
-        n = int(rng.integers(8, 14))
-        step = rng.uniform(1.6, 2.4) * s
+        n = int(rng.integers(12, 17))
+        step = 2.0 * s
         angles = angle + np.cumsum(rng.normal(0, 0.18, n))
         deltas = step * np.stack([np.cos(angles), np.sin(angles)], 1)
         points = np.concatenate([start[None], start + np.cumsum(deltas, 0)], 0)
         cumlen = np.concatenate([[0.0], np.cumsum(np.full(n, step))])
-        # Growth speed such that a primary hypha reaches full length around T ~ 0.45-0.6.
-        speed = cumlen[-1] / rng.uniform(0.3, 0.45)
+        # Hyphae of every colony extend at about the same rate (+-10%), so that length tells time; a primary
+        # hypha reaches its full length (24-32 px on a 64-px frame) around T ~ 0.5-0.65.
+        speed = 60.0 * s * rng.uniform(0.9, 1.1)
         self.branches.append(_Branch(points, cumlen, birth, speed, primary=depth == 0))
         if depth < 2:
             for _ in range(int(rng.integers(1, 3))):

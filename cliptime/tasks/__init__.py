@@ -6,10 +6,11 @@ from typing import Any
 
 from cliptime.config import from_dict
 from cliptime.errors import CliptimeError
+from cliptime.tasks.audio_order import AudioOrderTask
 from cliptime.tasks.base import Task
 from cliptime.tasks.fungal import FungalTask
 
-TASKS: dict[str, type[Task]] = {FungalTask.name: FungalTask}
+TASKS: dict[str, type[Task]] = {FungalTask.name: FungalTask, AudioOrderTask.name: AudioOrderTask}
 
 
 def make_task(name: str, config: dict[str, Any] | None = None) -> Task:

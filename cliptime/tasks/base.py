@@ -39,6 +39,10 @@ class Task(ABC):
     def generate(self) -> dict[str, ray.data.Dataset]:
         """The task's procedurally generated data set, one lazy dataset of shard-schema rows per split."""
 
+    def source(self) -> dict:
+        """How the generated data set is made (generator settings), recorded in shard manifests."""
+        return {}
+
     def check_manifest(self, manifest: dict) -> None:
         """Reject shards made for another configuration (sample rate, clip length, ...)."""
 
@@ -62,9 +66,13 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
         """(metrics, outputs) over held-out batches; outputs are the arrays the figures are drawn from."""
 
-    def figures(self, outputs: dict[str, Any]) -> dict[str, Any]:
-        """Named matplotlib figures for MLflow."""
+    def figures(self, outputs: dict[str, Any], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Named matplotlib figures for MLflow (`baseline`: the baseline model's outputs, if one was trained)."""
         return {}
+
+    def baseline(self) -> Task | None:
+        """A baseline to train on the same data and budget and report beside this task's model, or None."""
+        return None
 
     # -- serving -------------------------------------------------------------------------------------------
     @abstractmethod

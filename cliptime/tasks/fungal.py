@@ -32,6 +32,7 @@ from PIL import Image
 from torch import nn
 
 from cliptime.config import option
+from cliptime.data.generated import from_generator
 from cliptime.data.fungal_growth import (
     NEUTRAL_CAPTION,
     STAGES,
@@ -81,7 +82,7 @@ class CLIPTimeModel(nn.Module):
     def __init__(self, backbone: nn.Module, preprocess_cfg: dict, dim: int, cfg: FungalConfig):
         super().__init__()
         self.backbone = backbone
-        self.image_size = tuple(preprocess_cfg["size"])
+        self.image_size = image_size(cfg.model)
         self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.fusion = cfg.fusion
@@ -137,11 +138,6 @@ class FungalPreprocessor:
         }
 
 
-def _generate_batch(batch: dict, **kwargs) -> pa.Table:
-    tables = [pa.table(generate_sequence(index=int(i), **kwargs), schema=FungalTask.schema) for i in batch["index"]]
-    return pa.concat_tables(tables)
-
-
 class FungalTask(Task):
     name = "cliptime"
     registered_model = "cliptime-fungal"
@@ -181,6 +177,11 @@ class FungalTask(Task):
         if c.head == "transformer" and fused % c.head_heads:
             raise CliptimeError(f"--head-heads {c.head_heads} does not divide the fused width {fused}")
 
+    def source(self) -> dict:
+        c = self.cfg
+        return {"generator": "cliptime.data.fungal_growth", "hours": list(c.hours), "sequences": c.sequences,
+                "frames": c.frames, "image_size": c.image_size, "templates": c.templates, "data_seed": c.data_seed}
+
     def check_manifest(self, manifest: dict) -> None:
         hours = manifest.get("source", {}).get("hours")
         if hours is not None:
@@ -190,12 +191,14 @@ class FungalTask(Task):
         c = self.cfg
         kwargs = dict(seed=c.data_seed, frames=c.frames, size=c.image_size, hours=tuple(c.hours),
                       template_set=c.templates)
-        out = {}
-        for split in ("train", "val", "test"):
-            indices = [i for i in range(c.sequences) if split_of_sequence(i, c.sequences) == split]
-            items = ray.data.from_items([{"index": i} for i in indices], override_num_blocks=len(indices))
-            out[split] = items.map_batches(_generate_batch, batch_size=1, fn_kwargs=kwargs)
-        return out
+        return {
+            split: from_generator(
+                generate_sequence, "index",
+                [i for i in range(c.sequences) if split_of_sequence(i, c.sequences) == split],
+                self.schema, **kwargs,
+            )
+            for split in ("train", "val", "test")
+        }
 
     def preprocessor(self, split: str) -> FungalPreprocessor:
         size = tuple(image_size(self.cfg.model))
@@ -255,7 +258,7 @@ class FungalTask(Task):
         }
         return {k: float(v) for k, v in metrics.items()}, outputs
 
-    def figures(self, outputs: dict[str, Any]) -> dict[str, Any]:
+    def figures(self, outputs: dict[str, Any], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
         import matplotlib
 
         matplotlib.use("Agg")

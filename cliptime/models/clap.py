@@ -1,0 +1,138 @@
+"""laion_clap's CLAP model behind one offline-safe loader.
+
+Why the import below is unusual: `import laion_clap` runs `laion_clap/__init__.py`, which imports
+`laion_clap/hook.py` and through it `laion_clap/training/data.py`, and that module downloads the BERT, RoBERTa
+and BART tokenizers from the Hugging Face hub *at import time*: offline it hangs. The model code itself lives in
+the subpackage `laion_clap.clap_module` (`create_model`, `tokenize`, PANN and HTSAT audio encoders), which needs
+nothing from the network with the `transformer` text branch. So we put a bare package object for `laion_clap`
+into `sys.modules` (its `__path__` only, its `__init__` not run) and import the subpackage through it. This is
+the only place in cliptime that imports laion_clap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliptime.errors import CliptimeError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def clap_module() -> types.ModuleType:
+    """`laion_clap.clap_module`, imported without running `laion_clap/__init__.py` (see the module docstring)."""
+    if "laion_clap.clap_module" in sys.modules:
+        return sys.modules["laion_clap.clap_module"]
+    if "laion_clap" not in sys.modules:
+        spec = importlib.util.find_spec("laion_clap")
+        if spec is None:
+            raise CliptimeError("laion_clap is not installed (pip install laion-clap)")
+        package = types.ModuleType("laion_clap")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["laion_clap"] = package
+    module = importlib.import_module("laion_clap.clap_module")
+    module.add_model_config(CONFIG_DIR)
+    return module
+
+
+TEXT_BRANCHES = ("transformer", "roberta", "bert", "bart")
+_HF_NAMES = {"roberta": "roberta-base", "bert": "bert-base-uncased", "bart": "facebook/bart-base"}
+
+
+def check_clap(audio_model: str, text_model: str, pretrained: str = "") -> dict:
+    """Fail fast on an unknown config, an unavailable text branch or a missing checkpoint; return the config."""
+    module = clap_module()
+    if audio_model not in module.list_models():
+        raise CliptimeError(
+            f"unknown CLAP audio model {audio_model!r} (known: {', '.join(module.list_models())})"
+        )
+    if text_model not in TEXT_BRANCHES:
+        raise CliptimeError(f"unknown CLAP text branch {text_model!r} (known: {', '.join(TEXT_BRANCHES)})")
+    if text_model != "transformer":
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(_HF_NAMES[text_model], local_files_only=True)
+        except OSError:
+            raise CliptimeError(
+                f"the {text_model} text branch needs {_HF_NAMES[text_model]} in the Hugging Face cache "
+                "(offline: use --text-model transformer)"
+            ) from None
+    if pretrained and not Path(pretrained).is_file():
+        raise CliptimeError(f"CLAP checkpoint {pretrained} does not exist")
+    return module.factory._MODEL_CONFIGS[audio_model]
+
+
+def _load_checkpoint(model: nn.Module, path: str) -> None:
+    """A LAION checkpoint (e.g. 630k-audioset-best.pt): tensors only, `module.` prefixes from DDP removed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or non-tensor files
+        raise CliptimeError(f"CLAP checkpoint {path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # Checkpoints saved with older transformers carry this buffer; newer model code has none.
+    state.pop("text_branch.embeddings.position_ids", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("audio_branch.spectrogram")]:
+        raise CliptimeError(
+            f"CLAP checkpoint {path} does not fit the chosen model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys): check --audio-model and --text-model"
+        )
+
+
+class CLAPEncoder(nn.Module):
+    """A CLAP model as two embedders: waveform -> unit vector, token ids -> unit vector, plus a logit scale.
+
+    One `forward` embeds a batch of clips and any number of caption batches, so DDP sees one call per step.
+    """
+
+    def __init__(self, audio_model: str, text_model: str, pretrained: str = "", spec_time_drop: int = 0):
+        super().__init__()
+        cfg = check_clap(audio_model, text_model, pretrained)
+        module = clap_module()
+        self.clap, _ = module.create_model(audio_model, text_model, pretrained="", enable_fusion=False)
+        if pretrained:
+            _load_checkpoint(self.clap, pretrained)
+        audio_cfg = cfg["audio_cfg"]
+        self.sample_rate, self.clip_samples = audio_cfg["sample_rate"], audio_cfg["clip_samples"]
+        # Cnn6 takes a raw waveform tensor; Cnn10/Cnn14 and HTSAT take a dict with the waveform in it.
+        self.raw_waveform = audio_cfg["model_type"] == "PANN" and audio_cfg["model_name"] == "Cnn6"
+        self.text_model = text_model
+        self.context_length = cfg["text_cfg"].get("context_length", 77)
+        augmenter = getattr(self.clap.audio_branch, "spec_augmenter", None)
+        if augmenter is not None and spec_time_drop:
+            # laion_clap's SpecAugment drops up to 64 frames at a time, sized for 10-s clips; on short clips
+            # that can erase a whole event, and with it the order we train on.
+            augmenter.time_dropper.drop_width = spec_time_drop
+        # The MLP "transform" heads and the text logit scale serve laion's optional MLP loss, unused here;
+        # frozen so that DDP does not wait for their gradients.
+        for name in ("audio_transform", "text_transform", "logit_scale_t"):
+            getattr(self.clap, name).requires_grad_(False)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        if self.text_model != "transformer":
+            raise CliptimeError("only the transformer text branch has an offline tokenizer in cliptime")
+        return clap_module().tokenize(texts, context_length=self.context_length)
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        x = audio if self.raw_waveform else {"waveform": audio, "longer": torch.zeros(len(audio), dtype=torch.bool)}
+        features = self.clap.encode_audio(x, device=audio.device)["embedding"]
+        return F.normalize(self.clap.audio_projection(features), dim=-1)
+
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clap.encode_text(tokens, device=tokens.device), dim=-1)
+
+    def forward(self, audio: torch.Tensor | None, *token_batches: torch.Tensor):
+        """(audio embeddings or None, one text embedding per token batch..., logit scale)."""
+        a = self.embed_audio(audio) if audio is not None else None
+        texts = [self.embed_text(t) for t in token_batches]
+        return (a, *texts, self.clap.logit_scale_a.exp().clamp(max=100))

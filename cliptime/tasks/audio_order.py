@@ -1,0 +1,330 @@
+"""T-CLAP: CLAP fine-tuned with a temporal-focused loss on mixed-up clips of two sound events in order.
+
+Shard schema (`AudioOrderTask.schema`), one row per clip:
+
+    audio        binary   mono 16-bit little-endian PCM (no header); length = clip_seconds * sample_rate
+    sample_rate  int32    samples per second of `audio`
+    caption      string   the positive caption ("A followed by B", or a single event's plain caption)
+    negative     string   the same caption with the two events in reversed order ("" for single events)
+    first        string   class of the first (or only) event
+    second       string   class of the second event ("" for single events)
+    pair         int64    mixed clips: id shared by the A-B and the B-A clip of the same two instances; else -1
+
+The manifest's `source` records `sample_rate`, `clip_seconds` and the event `classes` with their labels.
+
+Loss: the symmetric audio-text contrastive loss with CLAP's learnable logit scale, gathered across DDP workers
+(clips whose events match are all positives of each other), plus `temporal_weight` (lambda, 0.5 as in the paper)
+times the temporal-focused loss: for each mixed clip, a two-way softmax that prefers the correct-order caption
+over the reversed one. `--lambda 0` is plain CLAP, the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray.data
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cliptime.config import option
+from cliptime.data.generated import from_generator
+from cliptime.data.sound_events import EVENT_CLASSES, from_pcm16, generate_block, order_templates
+from cliptime.errors import CliptimeError
+from cliptime.models.clap import CLAPEncoder, check_clap
+from cliptime.tasks.base import Batch, NumpyBatch, Task
+
+PAIRS_PER_BLOCK = 25
+
+
+@dataclass
+class AudioOrderConfig:
+    data: str = option("", "Parquet shard directory from jobs/make_shards.py (default: generate the data)")
+    train_pairs: int = option(500, "generated event pairs for training (each gives an A-B and a B-A clip)")
+    train_singles: int = option(300, "generated single-event training clips")
+    eval_pairs: int = option(100, "generated event pairs in each of the val and test splits")
+    eval_singles: int = option(60, "generated single-event clips in each of the val and test splits")
+    gap: tuple[float, float] = option((0.0, 0.15), "range of the silent gap between the two events, seconds")
+    templates: str = option("basic", "order-caption template set: basic or rich")
+    data_seed: int = option(0, "seed of the generated data set")
+    audio_model: str = option("cliptime-tiny-cnn6", "CLAP audio config (laion_clap's, or cliptime-tiny-cnn6)")
+    text_model: str = option("transformer", "CLAP text branch: transformer (offline) or roberta/bert/bart")
+    pretrained: str = option("", "a LAION CLAP checkpoint file to start from (e.g. 630k-audioset-best.pt)")
+    temporal_weight: float = option(0.5, "lambda: weight of the temporal-focused loss (0: plain CLAP)",
+                                    aliases=("--lambda",))
+    spec_time_drop: int = option(8, "SpecAugment time-stripe width in frames (laion_clap's default is 64)")
+    baseline: bool = option(True, "also train plain CLAP (lambda 0) on the same data and budget, to compare")
+
+
+class AudioOrderPreprocessor:
+    """Shard rows -> float waveforms of the model's length, token ids of caption and negative, event keys."""
+
+    def __init__(self, encoder_args: dict, classes: list[str], train: bool):
+        self.encoder_args, self.classes, self.train = encoder_args, classes, train
+        self._tokenize = None
+
+    def __call__(self, batch: NumpyBatch) -> NumpyBatch:
+        if self._tokenize is None:
+            from cliptime.models.clap import clap_module
+
+            context = clap_module().factory._MODEL_CONFIGS[self.encoder_args["audio_model"]]["text_cfg"]
+            self._tokenize = lambda texts: clap_module().tokenize(texts, context_length=context["context_length"])
+        samples = self.encoder_args["clip_samples"]
+        audio = np.zeros((len(batch["audio"]), samples), dtype=np.float32)
+        for i, data in enumerate(batch["audio"]):
+            if int(batch["sample_rate"][i]) != self.encoder_args["sample_rate"]:
+                raise CliptimeError(
+                    f"clip {batch['caption'][i]!r} is sampled at {batch['sample_rate'][i]} Hz, "
+                    f"the model takes {self.encoder_args['sample_rate']} Hz"
+                )
+            x = from_pcm16(data)
+            if not np.isfinite(x).all():
+                raise CliptimeError(f"clip {batch['caption'][i]!r} contains NaN or infinite samples")
+            audio[i, : min(len(x), samples)] = x[:samples]
+        if self.train:  # loudness jitter: order, not level, is what the captions describe
+            audio *= 10 ** (np.random.default_rng().uniform(-6, 3, (len(audio), 1)) / 20)
+        index = {c: i for i, c in enumerate(self.classes)}
+        first = np.array([index[c] for c in batch["first"]], dtype=np.int64)
+        second = np.array([index.get(c, -1) for c in batch["second"]], dtype=np.int64)
+        return {
+            "audio": audio,
+            "tokens": self._tokenize([str(c) for c in batch["caption"]]).numpy(),
+            "neg_tokens": self._tokenize([str(c) for c in batch["negative"]]).numpy(),
+            "first": first,
+            "second": second,
+            # clips with the same event(s) in the same order are positives of each other
+            "key": first * (len(self.classes) + 1) + second + 1,
+            "pair": np.asarray(batch["pair"], dtype=np.int64),
+        }
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All workers' rows, with gradients flowing back to each worker's own rows (identity without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+def contrastive_loss(audio: torch.Tensor, text: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch; every clip whose key matches is a positive (soft target)."""
+    all_audio, all_text, all_keys = gather(audio), gather(text), gather(keys)
+    targets = (keys[:, None] == all_keys[None, :]).float()
+    targets = targets / targets.sum(1, keepdim=True)
+    a2t = -(F.log_softmax(scale * audio @ all_text.T, dim=-1) * targets).sum(1).mean()
+    t2a = -(F.log_softmax(scale * text @ all_audio.T, dim=-1) * targets).sum(1).mean()
+    return (a2t + t2a) / 2
+
+
+def temporal_loss(audio: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: torch.Tensor,
+                  mixed: torch.Tensor) -> torch.Tensor:
+    """-log softmax of the correct-order caption against the reversed one, averaged over mixed clips."""
+    margin = scale * ((audio * neg).sum(-1) - (audio * pos).sum(-1))
+    loss = F.softplus(margin)
+    return (loss * mixed).sum() / mixed.sum().clamp(min=1)
+
+
+class AudioOrderTask(Task):
+    name = "tclap"
+    registered_model = "tclap"
+    Config = AudioOrderConfig
+    schema = pa.schema(
+        [
+            ("audio", pa.binary()),
+            ("sample_rate", pa.int32()),
+            ("caption", pa.string()),
+            ("negative", pa.string()),
+            ("first", pa.string()),
+            ("second", pa.string()),
+            ("pair", pa.int64()),
+        ]
+    )
+    label_column = "first"
+    monitor = "val/tclassify_a2t"
+
+    def __init__(self, cfg: AudioOrderConfig):
+        super().__init__(cfg)
+        self.classes = {k: v[0] for k, v in EVENT_CLASSES.items()}  # replaced by the shards' own classes
+
+    @property
+    def model_audio(self) -> dict:
+        audio_cfg = check_clap(self.cfg.audio_model, self.cfg.text_model)["audio_cfg"]
+        return {"sample_rate": audio_cfg["sample_rate"], "clip_samples": audio_cfg["clip_samples"]}
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        c = self.cfg
+        order_templates(c.templates)
+        check_clap(c.audio_model, c.text_model, c.pretrained)
+        if not 0 <= c.gap[0] <= c.gap[1]:
+            raise CliptimeError(f"--gap {c.gap[0]:g} {c.gap[1]:g}: expected 0 <= min <= max")
+        if c.temporal_weight < 0:
+            raise CliptimeError(f"--lambda {c.temporal_weight:g}: the temporal-loss weight cannot be negative")
+        if min(c.train_pairs, c.eval_pairs) < 1:
+            raise CliptimeError("--train-pairs and --eval-pairs must be at least 1")
+
+    def check_manifest(self, manifest: dict) -> None:
+        source, want = manifest.get("source", {}), self.model_audio
+        sr, seconds = source.get("sample_rate"), source.get("clip_seconds")
+        if sr != want["sample_rate"]:
+            raise CliptimeError(
+                f"{self.cfg.data}: clips are sampled at {sr} Hz, {self.cfg.audio_model} takes {want['sample_rate']} Hz"
+            )
+        if seconds is None or round(seconds * sr) != want["clip_samples"]:
+            raise CliptimeError(
+                f"{self.cfg.data}: clips last {seconds} s, {self.cfg.audio_model} takes "
+                f"{want['clip_samples'] / want['sample_rate']:g} s"
+            )
+        self.classes = dict(source.get("classes", self.classes))
+
+    def source(self) -> dict:
+        """What the generated data set is, for shard manifests."""
+        a = self.model_audio
+        return {"generator": "cliptime.data.sound_events", "sample_rate": a["sample_rate"],
+                "clip_seconds": a["clip_samples"] / a["sample_rate"], "classes": self.classes,
+                **{k: v for k, v in dataclasses.asdict(self.cfg).items() if k in
+                   ("train_pairs", "train_singles", "eval_pairs", "eval_singles", "gap", "templates", "data_seed")}}
+
+    def generate(self) -> dict[str, ray.data.Dataset]:
+        c, a = self.cfg, self.model_audio
+        out = {}
+        for split in ("train", "val", "test"):
+            pairs, singles = (c.train_pairs, c.train_singles) if split == "train" else (c.eval_pairs, c.eval_singles)
+            blocks = -(-pairs // PAIRS_PER_BLOCK)
+            kwargs = dict(seed=c.data_seed, split=split, pairs=-(-pairs // blocks), singles=-(-singles // blocks),
+                          sample_rate=a["sample_rate"], clip_seconds=a["clip_samples"] / a["sample_rate"],
+                          gap_seconds=tuple(c.gap), template_set=c.templates)
+            out[split] = from_generator(generate_block, "block", list(range(blocks)), self.schema, **kwargs)
+        return out
+
+    def preprocessor(self, split: str) -> AudioOrderPreprocessor:
+        args = {"audio_model": self.cfg.audio_model, **self.model_audio}
+        return AudioOrderPreprocessor(args, list(self.classes), split == "train")
+
+    # -- model and loss ------------------------------------------------------------------------------------
+    def build_model(self, load_pretrained: bool = True) -> CLAPEncoder:
+        c = self.cfg
+        return CLAPEncoder(c.audio_model, c.text_model, c.pretrained if load_pretrained else "", c.spec_time_drop)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        audio, pos, neg, scale = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
+        lc = contrastive_loss(audio, pos, batch["key"], scale)
+        lt = temporal_loss(audio, pos, neg, scale, (batch["second"] >= 0).float())
+        return lc + self.cfg.temporal_weight * lt, {"contrastive_loss": lc, "temporal_loss": lt, "logit_scale": scale}
+
+    def baseline(self) -> AudioOrderTask | None:
+        if not self.cfg.baseline or self.cfg.temporal_weight == 0:
+            return None
+        plain = AudioOrderTask(dataclasses.replace(self.cfg, temporal_weight=0.0, baseline=False))
+        plain.classes = self.classes
+        return plain
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
+        model.eval()
+        rows: dict[str, list] = {k: [] for k in ("a", "t", "n", "first", "second", "key", "pair")}
+        for batch in batches:
+            a, t, n, _ = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
+            for k, v in zip(rows, (a, t, n, batch["first"], batch["second"], batch["key"], batch["pair"])):
+                rows[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
+        r = {k: torch.cat(v) for k, v in rows.items()}
+        device = next(model.parameters()).device
+        labels = list(self.classes.values())
+        _, label_emb, _ = model(None, model.tokenize(labels).to(device))
+        metrics = tclassify(r["a"], r["t"], r["n"], r["pair"], r["second"] >= 0)
+        metrics.update(retrieval(r["a"], r["t"], r["key"]))
+        single = r["second"] < 0
+        if single.any():
+            guess = (r["a"][single] @ label_emb.float().cpu().T).argmax(-1)
+            metrics["zeroshot_accuracy"] = float((guess == r["first"][single]).float().mean())
+        return metrics, {"metrics": metrics}
+
+    def figures(self, outputs: dict[str, Any], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = ["tclassify_a2t", "tclassify_t2a", "zeroshot_accuracy", "a2t_R@1", "t2a_R@1"]
+        runs = {f"T-CLAP (lambda={self.cfg.temporal_weight:g})": outputs["metrics"]}
+        if baseline is not None:
+            runs["CLAP baseline (lambda=0)"] = baseline["metrics"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / len(runs)
+        for i, (label, m) in enumerate(runs.items()):
+            ax.bar(np.arange(len(names)) + i * width, [m.get(n, 0.0) for n in names], width, label=label)
+        ax.axhline(0.5, color="gray", ls="--", lw=1)
+        ax.set_xticks(np.arange(len(names)) + width * (len(runs) - 1) / 2, names, rotation=15)
+        ax.set_ylim(0, 1)
+        ax.set_title("T-Classify (chance 0.5), zero-shot and retrieval on held-out instances")
+        ax.legend()
+        fig.tight_layout()
+        return {"tclassify_vs_baseline.png": fig}
+
+    # -- serving -------------------------------------------------------------------------------------------
+    def input_example(self) -> pd.DataFrame:
+        import soundfile as sf
+
+        a = self.model_audio
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros(a["clip_samples"], dtype=np.float32), a["sample_rate"], format="WAV")
+        return pd.DataFrame({"audio": [buf.getvalue()], "caption": ["a rising whistle followed by knocking"]})
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, inputs: pd.DataFrame) -> pd.DataFrame:
+        """inputs: `audio` (WAV/FLAC bytes, resampled to the model's rate) and `caption`; adds a `score`."""
+        import soundfile as sf
+        from scipy.signal import resample_poly
+
+        model.eval()
+        device = next(model.parameters()).device
+        a = self.model_audio
+        clips = np.zeros((len(inputs), a["clip_samples"]), dtype=np.float32)
+        for i, data in enumerate(inputs["audio"]):
+            try:
+                x, sr = sf.read(io.BytesIO(bytes(data)), dtype="float32", always_2d=True)
+            except Exception as e:  # soundfile raises several types for unreadable input
+                raise CliptimeError(f"input row {i}: not a readable audio file ({type(e).__name__})") from None
+            x = x.mean(1)
+            if sr != a["sample_rate"]:
+                x = resample_poly(x, a["sample_rate"], sr).astype(np.float32)
+            clips[i, : min(len(x), a["clip_samples"])] = x[: a["clip_samples"]]
+        audio, text, _ = model(torch.from_numpy(clips).to(device), model.tokenize(list(inputs["caption"])).to(device))
+        return pd.DataFrame({"caption": list(inputs["caption"]), "score": (audio * text).sum(-1).cpu().numpy()})
+
+
+def tclassify(audio, pos, neg, pair, mixed) -> dict[str, float]:
+    """T-Classify: audio->text picks the correct-order caption over the reversed one; text->audio picks the
+    A-B clip over the B-A clip of the same two instances for the caption "A ... B"."""
+    a2t = ((audio * pos).sum(-1) > (audio * neg).sum(-1))[mixed]
+    idx = torch.nonzero(mixed).squeeze(1)
+    partner = {}
+    for i in idx.tolist():
+        partner.setdefault(int(pair[i]), []).append(i)
+    hits = []
+    for members in partner.values():
+        if len(members) == 2:
+            i, j = members
+            hits.append(float(pos[i] @ audio[i] > pos[i] @ audio[j]))
+            hits.append(float(pos[j] @ audio[j] > pos[j] @ audio[i]))
+    return {"tclassify_a2t": float(a2t.float().mean()), "tclassify_t2a": float(np.mean(hits)) if hits else 0.0}
+
+
+def retrieval(audio, text, keys, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways; a retrieved item is correct when it has the same events in the same order."""
+    sim = audio @ text.T
+    relevant = keys[:, None] == keys[None, :]
+    out = {}
+    for name, s in (("a2t", sim), ("t2a", sim.T)):
+        best_relevant = torch.where(relevant, s, torch.tensor(-np.inf)).max(1).values
+        rank = (s > best_relevant[:, None]).sum(1)  # items scored above the best correct one
+        for k in ks:
+            out[f"{name}_R@{k}"] = float((rank < k).float().mean())
+    return out

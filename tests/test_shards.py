@@ -1,0 +1,80 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cliptime.data.shards import MANIFEST, open_shards, write_shards
+from cliptime.errors import CliptimeError
+from cliptime.tasks import make_task
+
+SMALL = {"sequences": 7, "frames": 4, "image_size": 32}
+
+
+@pytest.fixture(scope="module")
+def shard_dir(ray_session, tmp_path_factory):
+    task = make_task("cliptime", SMALL)
+    out = tmp_path_factory.mktemp("shards") / "fungal"
+    write_shards(task.generate(), out, task="cliptime", label="stage", source=task.source())
+    return out
+
+
+def test_shards_and_manifest_round_trip(shard_dir):
+    manifest = json.loads((shard_dir / MANIFEST).read_text())
+    assert manifest["task"] == "cliptime"
+    assert {s: manifest["splits"][s]["rows"] for s in ("train", "val", "test")} == {"train": 20, "val": 4, "test": 4}
+    assert manifest["splits"]["train"]["stage"] == {"spore": 5, "hyphae": 5, "mycelium": 10}
+    datasets, _ = open_shards(shard_dir, "cliptime", make_task("cliptime").schema)
+    rows = datasets["test"].take_all()
+    assert len(rows) == 4 and {r["sequence"] for r in rows} == {"gen-0-00006"}
+    train_sequences = {r["sequence"] for r in datasets["train"].take_all()}
+    assert not train_sequences & {r["sequence"] for r in rows}
+
+
+def copy_tree(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_is_named(shard_dir, tmp_path):
+    broken = copy_tree(shard_dir, tmp_path / "broken")
+    victim = sorted((broken / "val").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(CliptimeError, match=f"corrupt or truncated Parquet shard {victim}"):
+        open_shards(broken, "cliptime", make_task("cliptime").schema)
+
+
+def test_missing_column_is_named(shard_dir, tmp_path):
+    broken = copy_tree(shard_dir, tmp_path / "broken")
+    victim = sorted((broken / "train").glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(victim).drop_columns(["hours"]), victim)
+    with pytest.raises(CliptimeError, match="has no column 'hours'"):
+        open_shards(broken, "cliptime", make_task("cliptime").schema)
+
+
+def test_shards_of_another_task_are_refused(shard_dir):
+    with pytest.raises(CliptimeError, match="not 'tclap'"):
+        open_shards(shard_dir, "tclap", pa.schema([]))
+
+
+def test_missing_directory_and_manifest(tmp_path):
+    with pytest.raises(CliptimeError, match="does not exist"):
+        open_shards(tmp_path / "nothing", "cliptime", pa.schema([]))
+    with pytest.raises(CliptimeError, match="manifest.json is missing"):
+        open_shards(tmp_path, "cliptime", pa.schema([]))
+
+
+def test_failed_write_leaves_nothing(ray_session, tmp_path):
+    task = make_task("cliptime", SMALL)
+    datasets = task.generate()
+    datasets["val"] = datasets["val"].map(lambda row: 1 / 0)
+    with pytest.raises(Exception):
+        write_shards(datasets, tmp_path / "out", task="cliptime", label="stage", source={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten_by_default(shard_dir):
+    with pytest.raises(CliptimeError, match="already exists"):
+        write_shards({}, shard_dir, task="cliptime", label="stage", source={})

@@ -1,0 +1,72 @@
+"""A short CLIPTime run on the shared Ray instance: checkpoints, MLflow history, registry, resume."""
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cliptime import train
+from cliptime.config import TrainConfig
+from cliptime.tasks import make_task
+from tests.conftest import registered_versions
+
+TINY = {"sequences": 7, "frames": 10, "image_size": 32, "head_depth": 1, "ffn_dim": 64}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, mlflow_store, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    storage = tmp_path_factory.mktemp("ray_results")
+    tc = TrainConfig(epochs=2, batch_size=16, storage_path=str(storage), experiment="test-cliptime")
+    result = train.run(make_task("cliptime", TINY), tc)
+    yield result, storage, tc
+    mp.undo()
+
+
+def test_run_registers_a_version_with_test_metrics(trained, mlflow_store):
+    result, _, _ = trained
+    assert result.model_name == "cliptime-fungal" and result.model_version is not None
+    versions = registered_versions(mlflow_store, "cliptime-fungal")
+    assert result.model_version in {v.version for v in versions}
+    for key in ("test/accuracy", "test/macro_f1", "test/time_mae_hours", "test/spearman_mycelium"):
+        assert key in result.metrics
+    assert 0.0 <= result.metrics["test/accuracy"] <= 1.0
+    json.dumps(result.metrics)
+
+
+def test_mlflow_run_has_params_epoch_history_and_plots(trained, mlflow_store):
+    result, _, _ = trained
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["task.fusion"] == "sum" and run.data.params["train.epochs"] == "2"
+    history = client.get_metric_history(result.run_id, "val/accuracy")
+    assert sorted(m.step for m in history) == [0, 1]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert artifacts == {"plots/confusion_matrix.png", "plots/time_pred_vs_true.png"}
+
+
+def test_checkpoint_per_epoch_and_resume_continues(trained, mlflow_store, monkeypatch):
+    result, storage, tc = trained
+    run_dir = storage / result.run_name
+    assert (run_dir / train.RUN_FILE).exists()
+    assert len(list(run_dir.glob("checkpoint_*"))) == 2  # one per epoch, two kept
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    # Resuming a finished run trains no further epoch and logs none twice; it re-evaluates and registers.
+    resumed = train.run(make_task("cliptime"), TrainConfig(resume=result.run_name, storage_path=str(storage)))
+    assert resumed.run_id == result.run_id
+    history = MlflowClient(mlflow_store).get_metric_history(result.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert int(resumed.model_version) == int(result.model_version) + 1
+
+
+def test_registered_model_predicts_from_the_registry(trained, mlflow_store):
+    result, _, _ = trained
+    mlflow.set_tracking_uri(mlflow_store)
+    model = mlflow.pyfunc.load_model(f"models:/cliptime-fungal/{result.model_version}")
+    task = make_task("cliptime")
+    out = model.predict(pd.concat([task.input_example()] * 2, ignore_index=True))
+    assert len(out) == 2 and set(out["stage"]) <= {"spore", "hyphae", "mycelium"}
