@@ -49,6 +49,7 @@ def train_main(task_name: str, description: str, argv: list[str] | None = None) 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, task_cls.Config, f"{task_name} task")
     add_dataclass_args(parser, TrainConfig, "training, scale and tracking")
+    parser.set_defaults(**task_cls.train_defaults)
     args = parser.parse_args(argv)
 
     def job():

@@ -38,7 +38,7 @@ class TrainConfig:
     num_workers: int = option(1, "Ray Train workers (one process each; DDP when more than one)")
     use_gpu: bool = option(False, "one GPU per worker")
     amp: bool = option(True, "bf16 autocast when training on GPUs (ignored on CPU)")
-    cpus_per_worker: int = option(1, "CPUs reserved per worker; the rest of the cluster feeds Ray Data")
+    cpus_per_worker: int = option(2, "CPUs reserved per worker (its torch threads); the rest feed Ray Data")
     storage_path: str = option("~/ray_results", "where checkpoints and Ray results go (local dir, NFS or s3://)")
     name: str = option("", "run name under --storage-path (default: <task>-<timestamp>)")
     resume: str = option(
@@ -60,7 +60,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f"{f.metadata.get('help', '')} (default: {default!r})"
+        helptext = f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)r)"
         flags = [flag, *f.metadata.get("aliases", ())]
         extra = {k: v for k, v in f.metadata.items() if k not in ("help", "aliases")}
         extra.update(dest=f.name, default=default, help=helptext)

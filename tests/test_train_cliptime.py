@@ -30,7 +30,7 @@ def test_run_registers_a_version_with_test_metrics(trained, mlflow_store):
     result, _, _ = trained
     assert result.model_name == "cliptime-fungal" and result.model_version is not None
     versions = registered_versions(mlflow_store, "cliptime-fungal")
-    assert result.model_version in {v.version for v in versions}
+    assert result.model_version in {str(v.version) for v in versions}
     for key in ("test/accuracy", "test/macro_f1", "test/time_mae_hours", "test/spearman_mycelium"):
         assert key in result.metrics
     assert 0.0 <= result.metrics["test/accuracy"] <= 1.0

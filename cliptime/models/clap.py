@@ -95,7 +95,8 @@ class CLAPEncoder(nn.Module):
     One `forward` embeds a batch of clips and any number of caption batches, so DDP sees one call per step.
     """
 
-    def __init__(self, audio_model: str, text_model: str, pretrained: str = "", spec_time_drop: int = 0):
+    def __init__(self, audio_model: str, text_model: str, pretrained: str = "", spec_time_drop: int = 0,
+                 order_pooling: bool = False):
         super().__init__()
         cfg = check_clap(audio_model, text_model, pretrained)
         module = clap_module()
@@ -113,6 +114,13 @@ class CLAPEncoder(nn.Module):
             # laion_clap's SpecAugment drops up to 64 frames at a time, sized for 10-s clips; on short clips
             # that can erase a whole event, and with it the order we train on.
             augmenter.time_dropper.drop_width = spec_time_drop
+        # CLAP pools its audio encoder over time (PANN: max + mean; HTSAT: averaged tokens), which discards the
+        # order of events. Trained from scratch, audio and text then sit at a symmetric saddle: neither side can
+        # tell "A then B" from "B then A", so neither gets a gradient to start. Order pooling adds a learned
+        # projection of the frame embeddings weighted by a ramp from -1 (start) to +1 (end), i.e. "late minus
+        # early", to the pooled embedding: the reversed clip gets a different embedding from the first step.
+        # Pretrained CLAP checkpoints already carry some order information and can leave it off.
+        self.order_projection = nn.Linear(cfg["embed_dim"], cfg["embed_dim"]) if order_pooling else None
         # The MLP "transform" heads and the text logit scale serve laion's optional MLP loss, unused here;
         # frozen so that DDP does not wait for their gradients.
         for name in ("audio_transform", "text_transform", "logit_scale_t"):
@@ -125,7 +133,12 @@ class CLAPEncoder(nn.Module):
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
         x = audio if self.raw_waveform else {"waveform": audio, "longer": torch.zeros(len(audio), dtype=torch.bool)}
-        features = self.clap.encode_audio(x, device=audio.device)["embedding"]
+        encoded = self.clap.encode_audio(x, device=audio.device)
+        features = encoded["embedding"]
+        if self.order_projection is not None:
+            frames = encoded["fine_grained_embedding"]  # (batch, time, embed_dim)
+            ramp = torch.linspace(-1.0, 1.0, frames.shape[1], device=frames.device, dtype=frames.dtype)
+            features = features + self.order_projection((frames * ramp[None, :, None]).mean(1))
         return F.normalize(self.clap.audio_projection(features), dim=-1)
 
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:

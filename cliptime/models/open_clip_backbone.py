@@ -23,7 +23,7 @@ def check_backbone(model_name: str, pretrained: str = "") -> None:
     """Fail fast, naming the input, on an unknown model name or a pretrained file that does not exist."""
     if model_name not in open_clip.list_models():
         raise CliptimeError(
-            f"unknown open_clip model name {model_name!r} (e.g. cliptime-tiny-vit, ViT-B-32; "
+            f"unknown open_clip model name {model_name!r} (e.g. cliptime-tiny-rn, ViT-B-32; "
             "see open_clip.list_models())"
         )
     if pretrained and not Path(pretrained).is_file():

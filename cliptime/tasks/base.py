@@ -27,6 +27,7 @@ class Task(ABC):
     schema: ClassVar[pa.Schema]  # columns and types of the task's Parquet shards
     label_column: ClassVar[str]  # counted per split in shard manifests
     monitor: ClassVar[str]  # the validation metric that says how good a model is (higher is better)
+    train_defaults: ClassVar[dict] = {}  # TrainConfig defaults sized for this task's tiny CPU config
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

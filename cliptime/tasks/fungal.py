@@ -61,7 +61,7 @@ class FungalConfig:
     hours: tuple[float, float] = option((0.0, 72.0), "time range in hours that a sequence covers")
     templates: str = option("generic", "caption template set of the generated data: generic or detailed")
     data_seed: int = option(0, "seed of the generated data set")
-    model: str = option("cliptime-tiny-vit", "open_clip model name (the project registers cliptime-tiny-vit)")
+    model: str = option("cliptime-tiny-rn", "open_clip model name (the project registers cliptime-tiny-rn)")
     pretrained: str = option("", "open_clip weights: a local checkpoint file, or an open_clip tag (network)")
     freeze_backbone: bool = option(False, "keep the open_clip backbone frozen, train only the heads")
     fusion: str = option("sum", "how image and text embeddings are fused: sum (paper) or concat")
@@ -155,6 +155,7 @@ class FungalTask(Task):
     )
     label_column = "stage"
     monitor = "val/accuracy"
+    train_defaults = {"epochs": 10, "batch_size": 64, "lr": 2e-3}
 
     # -- data ----------------------------------------------------------------------------------------------
     def check(self) -> None:

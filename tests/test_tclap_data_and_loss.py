@@ -1,0 +1,152 @@
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, from_pcm16, generate_block
+from cliptime.errors import CliptimeError
+from cliptime.tasks import make_task
+from cliptime.tasks.audio_order import AudioOrderTask, contrastive_loss, retrieval, tclassify, temporal_loss
+
+KW = dict(pairs=6, singles=4, sample_rate=16000, clip_seconds=2.0, gap_seconds=(0.0, 0.15), template_set="rich")
+
+
+def test_generator_is_deterministic_and_fits_the_schema():
+    a = generate_block(1, "train", 0, **KW)
+    assert a == generate_block(1, "train", 0, **KW)
+    assert a["audio"][0] != generate_block(2, "train", 0, **KW)["audio"][0]
+    table = pa.table(a, schema=AudioOrderTask.schema)
+    assert table.num_rows == 2 * 6 + 4
+    for data in a["audio"]:
+        x = from_pcm16(data)
+        assert x.shape == (32000,) and np.abs(x).max() <= 1.0 and np.abs(x).max() > 0.05
+
+
+def test_held_out_instances_differ_from_training_ones():
+    train, test = generate_block(0, "train", 0, **KW), generate_block(0, "test", 0, **KW)
+    assert not set(train["audio"]) & set(test["audio"])
+
+
+def test_negative_is_exactly_the_reversed_order():
+    cols = generate_block(0, "val", 3, **KW)
+    labels = {k: v[0] for k, v in EVENT_CLASSES.items()}
+    by_pair = {}
+    for i, pair in enumerate(cols["pair"]):
+        if pair >= 0:
+            by_pair.setdefault(pair, []).append(i)
+    assert len(by_pair) == 6
+    for i, j in by_pair.values():
+        assert (cols["first"][i], cols["second"][i]) == (cols["second"][j], cols["first"][j])
+        for k in (i, j):
+            first, second = labels[cols["first"][k]], labels[cols["second"][k]]
+            template = next(t for t in ORDER_TEMPLATES["rich"]
+                            if t.format(first=first, second=second) == cols["caption"][k])
+            assert cols["negative"][k] == template.format(first=second, second=first)
+    singles = [i for i, p in enumerate(cols["pair"]) if p < 0]
+    assert len(singles) == 4 and all(cols["negative"][i] == "" and cols["second"][i] == "" for i in singles)
+
+
+def test_temporal_loss_falls_when_the_positive_caption_is_closer():
+    audio = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=-1)
+    pos_far, pos_near = F.normalize(torch.tensor([[0.2, 1.0, 0.0]]), dim=-1), audio.clone()
+    neg = F.normalize(torch.tensor([[0.5, 0.0, 1.0]]), dim=-1)
+    scale, mixed = torch.tensor(10.0), torch.ones(1)
+    far = temporal_loss(audio, pos_far, neg, scale, mixed)
+    near = temporal_loss(audio, pos_near, neg, scale, mixed)
+    assert near < far
+    # equal similarity to both captions: the two-way softmax gives log 2
+    assert torch.isclose(temporal_loss(audio, neg, neg, scale, mixed), torch.log(torch.tensor(2.0)))
+    # single-event clips (mixed = 0) do not count
+    assert temporal_loss(audio, pos_far, neg, scale, torch.zeros(1)) == 0
+
+
+def test_contrastive_loss_prefers_aligned_pairs_and_treats_equal_keys_as_positives():
+    eye = torch.eye(4)
+    keys = torch.arange(4)
+    aligned = contrastive_loss(eye, eye, keys, torch.tensor(10.0))
+    shuffled = contrastive_loss(eye, eye[[1, 0, 3, 2]], keys, torch.tensor(10.0))
+    assert aligned < shuffled
+    # two clips of the same events: either caption is right, so swapping them costs nothing
+    same = torch.tensor([0, 0, 2, 3])
+    assert torch.isclose(contrastive_loss(eye, eye[[1, 0, 2, 3]], same, torch.tensor(10.0)),
+                         contrastive_loss(eye, eye, same, torch.tensor(10.0)))
+
+
+def test_tclassify_and_retrieval_on_hand_made_embeddings():
+    audio = torch.eye(4)
+    pos, neg = torch.eye(4), torch.eye(4)[[1, 0, 3, 2]] * 0.5
+    pair, mixed = torch.tensor([0, 0, 1, 1]), torch.ones(4, dtype=torch.bool)
+    assert tclassify(audio, pos, neg, pair, mixed) == {"tclassify_a2t": 1.0, "tclassify_t2a": 1.0}
+    r = retrieval(audio, pos, torch.arange(4))
+    assert r["a2t_R@1"] == 1.0 and r["t2a_R@1"] == 1.0
+    r = retrieval(audio, pos[[1, 0, 2, 3]], torch.arange(4))
+    assert r["a2t_R@1"] == 0.5 and r["a2t_R@5"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "config,named",
+    [
+        ({"templates": "limerick"}, "limerick"),
+        ({"pretrained": "/no/such/630k-audioset-best.pt"}, "/no/such/630k-audioset-best.pt"),
+        ({"audio_model": "Cnn99"}, "Cnn99"),
+        ({"temporal_weight": -1.0}, "--lambda"),
+    ],
+)
+def test_bad_settings_are_named(config, named):
+    with pytest.raises(CliptimeError, match=named.replace(".", r"\.").replace("-", r"\-")):
+        make_task("tclap", config).check()
+
+
+def test_wrong_sample_rate_in_shards_is_named():
+    cols = generate_block(0, "train", 0, **{**KW, "pairs": 1, "singles": 0})
+    batch = {k: np.array(v, dtype=object if isinstance(v[0], (bytes, str)) else None) for k, v in cols.items()}
+    prep = make_task("tclap").preprocessor("val")
+    assert prep(dict(batch))["audio"].shape == (2, 32000)
+    with pytest.raises(CliptimeError, match="48000 Hz, the model takes 16000 Hz"):
+        prep({**batch, "sample_rate": np.array([48000, 48000])})
+
+
+def test_prediction_input_nan_audio_and_non_audio_are_named():
+    import io
+
+    import pandas as pd
+    import soundfile as sf
+
+    task = make_task("tclap")
+    model = task.build_model()
+    buf = io.BytesIO()
+    sf.write(buf, np.full(16000, np.nan, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(CliptimeError, match="NaN"):
+        task.predict(model, pd.DataFrame({"audio": [buf.getvalue()], "caption": ["knocking"]}))
+    with pytest.raises(CliptimeError, match="not a readable audio file"):
+        task.predict(model, pd.DataFrame({"audio": [b"GIF89a not audio"], "caption": ["knocking"]}))
+    # another sample rate is resampled, not refused
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(44100, dtype=np.float32), 44100, format="WAV")
+    out = task.predict(model, pd.DataFrame({"audio": [buf.getvalue()], "caption": ["knocking"]}))
+    assert len(out) == 1 and np.isfinite(out["score"]).all()
+
+
+def test_offline_loader_never_touches_the_network():
+    """Build, tokenize and run the CLAP model in a fresh process whose sockets all refuse to connect."""
+    code = """
+import socket
+def refuse(*args, **kwargs):
+    raise SystemExit(f"network access attempted: {args}")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+import torch
+from cliptime.tasks import make_task
+task = make_task("tclap")
+task.check()
+model = task.build_model().eval()
+audio, text, scale = model(torch.zeros(2, 32000), model.tokenize(["a rising whistle", "knocking"]))
+assert audio.shape == text.shape == (2, 256)
+print("offline ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "offline ok" in proc.stdout, proc.stderr[-3000:]

@@ -1,0 +1,41 @@
+"""A short T-CLAP run with its plain-CLAP baseline on the shared Ray instance, registered in MLflow."""
+
+import io
+
+import mlflow
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from mlflow.tracking import MlflowClient
+
+from cliptime import train
+from cliptime.config import TrainConfig
+from cliptime.tasks import make_task
+from tests.conftest import registered_versions
+
+TINY = {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4}
+
+
+def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path):
+    tc = TrainConfig(epochs=1, batch_size=8, storage_path=str(tmp_path), experiment="test-tclap")
+    result = train.run(make_task("tclap", TINY), tc)
+    assert result.model_name == "tclap"
+    assert result.model_version in {str(v.version) for v in registered_versions(tracking, "tclap")}
+    for key in ("test/tclassify_a2t", "test/tclassify_t2a", "test/a2t_R@10", "test/zeroshot_accuracy",
+                "baseline/test/tclassify_a2t", "baseline/test/zeroshot_accuracy"):
+        assert 0.0 <= result.metrics[key] <= 1.0, key
+
+    client = MlflowClient(tracking)
+    run = client.get_run(result.run_id)
+    assert run.data.params["task.temporal_weight"] == "0.5"
+    assert {a.path for a in client.list_artifacts(result.run_id, "plots")} == {"plots/tclassify_vs_baseline.png"}
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert len(children) == 1 and children[0].data.params["task.temporal_weight"] == "0.0"
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "train/loss")] == [0]
+
+    mlflow.set_tracking_uri(tracking)
+    model = mlflow.pyfunc.load_model(f"models:/tclap/{result.model_version}")
+    buf = io.BytesIO()
+    sf.write(buf, np.random.default_rng(0).normal(0, 0.1, 32000).astype(np.float32), 16000, format="WAV")
+    out = model.predict(pd.DataFrame({"audio": [buf.getvalue()] * 2, "caption": ["knocking", "a low buzz"]}))
+    assert list(out.columns) == ["caption", "score"] and np.isfinite(out["score"]).all()
