@@ -40,7 +40,9 @@ def targets(task: str, seconds: float, m: dict) -> dict[str, bool]:
         "T-Classify a2t >= 0.90": m["test/tclassify_a2t"] >= 0.90,
         "T-Classify t2a >= 0.90": m["test/tclassify_t2a"] >= 0.90,
         "baseline T-Classify near chance (<= 0.65 both ways)": max(
-            m["baseline/test/tclassify_a2t"], m["baseline/test/tclassify_t2a"]) <= 0.65,
+            m["baseline/test/tclassify_a2t"], m["baseline/test/tclassify_t2a"]
+        )
+        <= 0.65,
         "zero-shot within 2 points of baseline": m["test/zeroshot_accuracy"]
         >= m["baseline/test/zeroshot_accuracy"] - 0.02,
     }
@@ -68,15 +70,26 @@ def run(task: str, extra: list[str], workdir: Path) -> dict:
         sys.exit(f"{task} job failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     checks = targets(task, seconds, result["metrics"])
-    return {"task": task, "command": " ".join(["python", f"jobs/{JOBS[task]}", *extra]), "seconds": round(seconds),
-            "metrics": result["metrics"], "targets": checks}
+    return {
+        "task": task,
+        "command": " ".join(["python", f"jobs/{JOBS[task]}", *extra]),
+        "seconds": round(seconds),
+        "metrics": result["metrics"],
+        "targets": checks,
+    }
 
 
 def markdown(rows: list[dict], when: str, where: str) -> str:
     out = [f"# Job benchmarks, {when}", "", f"Machine: {where}", ""]
     for r in rows:
-        out += [f"## {r['task']}: `{r['command']}`", "", f"Wall time: {r['seconds']} s", "",
-                "| metric | value |", "|---|---|"]
+        out += [
+            f"## {r['task']}: `{r['command']}`",
+            "",
+            f"Wall time: {r['seconds']} s",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
         out += [f"| {k} | {v:.3f} |" for k, v in sorted(r["metrics"].items()) if k.startswith(("test/", "baseline/"))]
         out += ["", "| target | met |", "|---|---|"]
         out += [f"| {k} | {'yes' if ok else 'NO'} |" for k, ok in r["targets"].items()]
@@ -100,8 +113,9 @@ def main() -> None:
     payload = {"date": when, "machine": machine(), "results": rows}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(rows, when, payload["machine"]))
-    print(json.dumps({"written": str(out / f"{stem}.json"),
-                      "targets_met": all(all(r["targets"].values()) for r in rows)}))
+    print(
+        json.dumps({"written": str(out / f"{stem}.json"), "targets_met": all(all(r["targets"].values()) for r in rows)})
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 
@@ -84,8 +84,14 @@ def make_shards_main(argv: list[str] | None = None) -> int:
         task = task_cls(from_namespace(task_cls.Config, args))
         task.check()
         init_ray()
-        manifest = write_shards(task.generate(), args.out_dir, task=task.name, label=task.label_column,
-                                source=task.source(), overwrite=args.overwrite)
+        manifest = write_shards(
+            task.generate(),
+            args.out_dir,
+            task=task.name,
+            label=task.label_column,
+            source=task.source(),
+            overwrite=args.overwrite,
+        )
         return {"out_dir": args.out_dir, "manifest": manifest}
 
     return run_job(job)

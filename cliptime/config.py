@@ -41,9 +41,7 @@ class TrainConfig:
     cpus_per_worker: int = option(2, "CPUs reserved per worker (its torch threads); the rest feed Ray Data")
     storage_path: str = option("~/ray_results", "where checkpoints and Ray results go (local dir, NFS or s3://)")
     name: str = option("", "run name under --storage-path (default: <task>-<timestamp>)")
-    resume: str = option(
-        "", "resume the named run (or 'latest') from its last checkpoint", nargs="?", const="latest"
-    )
+    resume: str = option("", "resume the named run (or 'latest') from its last checkpoint", nargs="?", const="latest")
     experiment: str = option("cliptime", "MLflow experiment name")
     register: bool = option(True, "register the trained model in the MLflow model registry")
 

@@ -54,7 +54,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     location = None
     uri = client.tracking_uri
     if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created concurrently by another run

@@ -120,13 +120,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     val_metrics, _ = task.evaluate(module, batches)
                 metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
-                state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch}
+                state = {
+                    "model": module.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                }
                 torch.save(state, Path(tmp) / "state.pt")
                 saved = ray.train.Checkpoint.from_directory(tmp)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "lr"))
-                print(f"epoch {epoch + 1}/{tc.epochs} ({steps} steps, {time.time() - started:.0f} s): {shown}",
-                      flush=True)
+                print(
+                    f"epoch {epoch + 1}/{tc.epochs} ({steps} steps, {time.time() - started:.0f} s): {shown}", flush=True
+                )
             ray.train.report(metrics, checkpoint=saved)
 
 
@@ -203,19 +208,35 @@ def init_ray(reserved_cpus: int = 0) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, reserved_cpus + 1), include_dashboard=False)
 
 
-def _fit_and_test(task: Task, tc: TrainConfig, datasets: dict, name: str, storage_path: str, uri: str,
-                  run_id: str, steps_per_epoch: int):
+def _fit_and_test(
+    task: Task,
+    tc: TrainConfig,
+    datasets: dict,
+    name: str,
+    storage_path: str,
+    uri: str,
+    run_id: str,
+    steps_per_epoch: int,
+):
     """Train `task` under Ray run `name`, logging epochs to MLflow run `run_id`; evaluate on the test split."""
     task_config, train_config = asdict(task.cfg), asdict(tc)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task.name, "task_config": task_config, "train_config": train_config,
-                           "steps_per_epoch": steps_per_epoch},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[tracking.EpochLogger(uri, run_id)]),
+        train_loop_config={
+            "task": task.name,
+            "task_config": task_config,
+            "train_config": train_config,
+            "steps_per_epoch": steps_per_epoch,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[tracking.EpochLogger(uri, run_id)],
+        ),
         datasets={"train": datasets["train"], "val": datasets["val"]},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
@@ -270,17 +291,23 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
     client = MlflowClient(uri)
     run_file = _RunFile(fs, root, name)
     if not saved:
-        run_id = client.create_run(tracking.experiment_id(client, tc.experiment), run_name=name,
-                                   tags={"cliptime.task": task.name}).info.run_id
+        run_id = client.create_run(
+            tracking.experiment_id(client, tc.experiment), run_name=name, tags={"cliptime.task": task.name}
+        ).info.run_id
         mlflow.log_params({**flat_params("task", task.cfg), **flat_params("train", tc)}, run_id=run_id)
-        saved = {"task": task.name, "task_config": asdict(task.cfg), "train_config": asdict(tc),
-                 "mlflow_run_id": run_id}
+        saved = {
+            "task": task.name,
+            "task_config": asdict(task.cfg),
+            "train_config": asdict(tc),
+            "mlflow_run_id": run_id,
+        }
         run_file.write(saved)
     run_id = saved["mlflow_run_id"]
     try:
         with mlflow.start_run(run_id=run_id):
-            result, metrics, outputs = _fit_and_test(task, tc, datasets, name, storage_path, uri, run_id,
-                                                     steps_per_epoch)
+            result, metrics, outputs = _fit_and_test(
+                task, tc, datasets, name, storage_path, uri, run_id, steps_per_epoch
+            )
             test_metrics = {f"test/{k}": v for k, v in metrics.items()}
             mlflow.log_metrics(test_metrics)
             baseline_outputs = None
@@ -288,20 +315,32 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
             if baseline is not None:
                 if "baseline_run_id" not in saved:
                     saved["baseline_run_id"] = client.create_run(
-                        tracking.experiment_id(client, tc.experiment), run_name=f"{name}-baseline",
-                        tags={"cliptime.task": task.name, "mlflow.parentRunId": run_id}).info.run_id
+                        tracking.experiment_id(client, tc.experiment),
+                        run_name=f"{name}-baseline",
+                        tags={"cliptime.task": task.name, "mlflow.parentRunId": run_id},
+                    ).info.run_id
                     mlflow.log_params(flat_params("task", baseline.cfg), run_id=saved["baseline_run_id"])
                     run_file.write(saved)
                 _, baseline_metrics, baseline_outputs = _fit_and_test(
-                    baseline, tc, datasets, f"{name}-baseline", storage_path, uri, saved["baseline_run_id"],
-                    steps_per_epoch)
+                    baseline,
+                    tc,
+                    datasets,
+                    f"{name}-baseline",
+                    storage_path,
+                    uri,
+                    saved["baseline_run_id"],
+                    steps_per_epoch,
+                )
                 client.set_terminated(saved["baseline_run_id"])
                 mlflow.log_metrics({f"baseline/test/{k}": v for k, v in baseline_metrics.items()})
                 test_metrics.update({f"baseline/test/{k}": v for k, v in baseline_metrics.items()})
             tracking.log_figures(run_id, task.figures(outputs, baseline_outputs), client)
             model = load_checkpoint_model(task, result.checkpoint)
             _, version = tracking.log_and_register(
-                task, model, asdict(task.cfg), tc.register,
+                task,
+                model,
+                asdict(task.cfg),
+                tc.register,
                 tags={"run_name": name, **{k: f"{v:.4f}" for k, v in test_metrics.items()}},
             )
     except BaseException:

@@ -17,8 +17,12 @@ def ray_session():
     """A local Ray with more logical CPUs than any test's workers take, so Ray Data always has some."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
     yield ray
     ray.shutdown()
 
@@ -44,7 +48,11 @@ def run_job(script: str, *args: str, env: dict | None = None, cwd: Path | None =
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs" / script), *args],
-        capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
     )
 
 

@@ -30,8 +30,14 @@ def fresh_store(tmp_path):
     ],
 )
 def test_cliptime_rejects_bad_settings(args, named, fresh_store, tmp_path):
-    proc = run_job("train_cliptime.py", *args, "--storage-path", str(tmp_path / "rr"),
-                   env={"MLFLOW_TRACKING_URI": fresh_store}, timeout=300)
+    proc = run_job(
+        "train_cliptime.py",
+        *args,
+        "--storage-path",
+        str(tmp_path / "rr"),
+        env={"MLFLOW_TRACKING_URI": fresh_store},
+        timeout=300,
+    )
     assert_clean_failure(proc, named, fresh_store, "cliptime-fungal")
 
 
@@ -54,6 +60,13 @@ def test_cliptime_rejects_damaged_shards(damage, fungal_shards, fresh_store, tmp
         victim.write_bytes(victim.read_bytes()[:-100])
     else:
         pq.write_table(pq.read_table(victim).drop_columns(["caption"]), victim)
-    proc = run_job("train_cliptime.py", "--data", str(data), "--storage-path", str(tmp_path / "rr"),
-                   env={"MLFLOW_TRACKING_URI": fresh_store}, timeout=300)
+    proc = run_job(
+        "train_cliptime.py",
+        "--data",
+        str(data),
+        "--storage-path",
+        str(tmp_path / "rr"),
+        env={"MLFLOW_TRACKING_URI": fresh_store},
+        timeout=300,
+    )
     assert_clean_failure(proc, str(victim), fresh_store, "cliptime-fungal")

@@ -70,7 +70,7 @@ def test_failed_write_leaves_nothing(ray_session, tmp_path):
     task = make_task("cliptime", SMALL)
     datasets = task.generate()
     datasets["val"] = datasets["val"].map(lambda row: 1 / 0)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="division by zero"):
         write_shards(datasets, tmp_path / "out", task="cliptime", label="stage", source={})
     assert list(tmp_path.iterdir()) == []
 

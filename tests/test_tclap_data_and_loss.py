@@ -43,8 +43,9 @@ def test_negative_is_exactly_the_reversed_order():
         assert (cols["first"][i], cols["second"][i]) == (cols["second"][j], cols["first"][j])
         for k in (i, j):
             first, second = labels[cols["first"][k]], labels[cols["second"][k]]
-            template = next(t for t in ORDER_TEMPLATES["rich"]
-                            if t.format(first=first, second=second) == cols["caption"][k])
+            template = next(
+                t for t in ORDER_TEMPLATES["rich"] if t.format(first=first, second=second) == cols["caption"][k]
+            )
             assert cols["negative"][k] == template.format(first=second, second=first)
     singles = [i for i, p in enumerate(cols["pair"]) if p < 0]
     assert len(singles) == 4 and all(cols["negative"][i] == "" and cols["second"][i] == "" for i in singles)
@@ -72,8 +73,10 @@ def test_contrastive_loss_prefers_aligned_pairs_and_treats_equal_keys_as_positiv
     assert aligned < shuffled
     # two clips of the same events: either caption is right, so swapping them costs nothing
     same = torch.tensor([0, 0, 2, 3])
-    assert torch.isclose(contrastive_loss(eye, eye[[1, 0, 2, 3]], same, torch.tensor(10.0)),
-                         contrastive_loss(eye, eye, same, torch.tensor(10.0)))
+    assert torch.isclose(
+        contrastive_loss(eye, eye[[1, 0, 2, 3]], same, torch.tensor(10.0)),
+        contrastive_loss(eye, eye, same, torch.tensor(10.0)),
+    )
 
 
 def test_tclassify_and_retrieval_on_hand_made_embeddings():

@@ -21,8 +21,14 @@ def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path
     result = train.run(make_task("tclap", TINY), tc)
     assert result.model_name == "tclap"
     assert result.model_version in {str(v.version) for v in registered_versions(tracking, "tclap")}
-    for key in ("test/tclassify_a2t", "test/tclassify_t2a", "test/a2t_R@10", "test/zeroshot_accuracy",
-                "baseline/test/tclassify_a2t", "baseline/test/zeroshot_accuracy"):
+    for key in (
+        "test/tclassify_a2t",
+        "test/tclassify_t2a",
+        "test/a2t_R@10",
+        "test/zeroshot_accuracy",
+        "baseline/test/tclassify_a2t",
+        "baseline/test/zeroshot_accuracy",
+    ):
         assert 0.0 <= result.metrics[key] <= 1.0, key
 
     client = MlflowClient(tracking)

@@ -72,9 +72,7 @@ def stage_index(t: float) -> int:
 
 def caption_templates(template_set: str) -> dict[str, tuple[str, ...]]:
     if template_set not in CAPTION_TEMPLATES:
-        raise CliptimeError(
-            f"unknown caption template set {template_set!r} (known: {', '.join(CAPTION_TEMPLATES)})"
-        )
+        raise CliptimeError(f"unknown caption template set {template_set!r} (known: {', '.join(CAPTION_TEMPLATES)})")
     return CAPTION_TEMPLATES[template_set]
 
 

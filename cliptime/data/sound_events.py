@@ -13,7 +13,7 @@ Single-event clips with plain captions are mixed in so retrieval and zero-shot c
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

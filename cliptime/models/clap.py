@@ -51,9 +51,7 @@ def check_clap(audio_model: str, text_model: str, pretrained: str = "") -> dict:
     """Fail fast on an unknown config, an unavailable text branch or a missing checkpoint; return the config."""
     module = clap_module()
     if audio_model not in module.list_models():
-        raise CliptimeError(
-            f"unknown CLAP audio model {audio_model!r} (known: {', '.join(module.list_models())})"
-        )
+        raise CliptimeError(f"unknown CLAP audio model {audio_model!r} (known: {', '.join(module.list_models())})")
     if text_model not in TEXT_BRANCHES:
         raise CliptimeError(f"unknown CLAP text branch {text_model!r} (known: {', '.join(TEXT_BRANCHES)})")
     if text_model != "transformer":
@@ -95,8 +93,14 @@ class CLAPEncoder(nn.Module):
     One `forward` embeds a batch of clips and any number of caption batches, so DDP sees one call per step.
     """
 
-    def __init__(self, audio_model: str, text_model: str, pretrained: str = "", spec_time_drop: int = 0,
-                 order_pooling: bool = False):
+    def __init__(
+        self,
+        audio_model: str,
+        text_model: str,
+        pretrained: str = "",
+        spec_time_drop: int = 0,
+        order_pooling: bool = False,
+    ):
         super().__init__()
         cfg = check_clap(audio_model, text_model, pretrained)
         module = clap_module()

@@ -42,7 +42,9 @@ def create_backbone(model_name: str, pretrained: str = "") -> tuple[nn.Module, d
         model = open_clip.create_model(model_name, pretrained=pretrained or None, weights_only=True)
     except (RuntimeError, OSError) as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CliptimeError(f"could not load pretrained weights {pretrained!r} for {model_name}: {first_line}")
+        raise CliptimeError(
+            f"could not load pretrained weights {pretrained!r} for {model_name}: {first_line}"
+        ) from None
     return model, open_clip.get_model_preprocess_cfg(model)
 
 

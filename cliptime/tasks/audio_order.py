@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,8 +58,9 @@ class AudioOrderConfig:
     audio_model: str = option("cliptime-tiny-cnn6", "CLAP audio config (laion_clap's, or cliptime-tiny-cnn6)")
     text_model: str = option("transformer", "CLAP text branch: transformer (offline) or roberta/bert/bart")
     pretrained: str = option("", "a LAION CLAP checkpoint file to start from (e.g. 630k-audioset-best.pt)")
-    temporal_weight: float = option(0.5, "lambda: weight of the temporal-focused loss (0: plain CLAP)",
-                                    aliases=("--lambda",))
+    temporal_weight: float = option(
+        0.5, "lambda: weight of the temporal-focused loss (0: plain CLAP)", aliases=("--lambda",)
+    )
     spec_time_drop: int = option(8, "SpecAugment time-stripe width in frames (laion_clap's default is 64)")
     order_pooling: bool = option(True, "add an order-aware pooling of the audio frames (see cliptime/models/clap.py)")
     baseline: bool = option(True, "also train plain CLAP (lambda 0) on the same data and budget, to compare")
@@ -121,8 +123,9 @@ def contrastive_loss(audio: torch.Tensor, text: torch.Tensor, keys: torch.Tensor
     return (a2t + t2a) / 2
 
 
-def temporal_loss(audio: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: torch.Tensor,
-                  mixed: torch.Tensor) -> torch.Tensor:
+def temporal_loss(
+    audio: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: torch.Tensor, mixed: torch.Tensor
+) -> torch.Tensor:
     """-log softmax of the correct-order caption against the reversed one, averaged over mixed clips."""
     margin = scale * ((audio * neg).sum(-1) - (audio * pos).sum(-1))
     loss = F.softplus(margin)
@@ -186,10 +189,17 @@ class AudioOrderTask(Task):
     def source(self) -> dict:
         """What the generated data set is, for shard manifests."""
         a = self.model_audio
-        return {"generator": "cliptime.data.sound_events", "sample_rate": a["sample_rate"],
-                "clip_seconds": a["clip_samples"] / a["sample_rate"], "classes": self.classes,
-                **{k: v for k, v in dataclasses.asdict(self.cfg).items() if k in
-                   ("train_pairs", "train_singles", "eval_pairs", "eval_singles", "gap", "templates", "data_seed")}}
+        return {
+            "generator": "cliptime.data.sound_events",
+            "sample_rate": a["sample_rate"],
+            "clip_seconds": a["clip_samples"] / a["sample_rate"],
+            "classes": self.classes,
+            **{
+                k: v
+                for k, v in dataclasses.asdict(self.cfg).items()
+                if k in ("train_pairs", "train_singles", "eval_pairs", "eval_singles", "gap", "templates", "data_seed")
+            },
+        }
 
     def generate(self) -> dict[str, ray.data.Dataset]:
         c, a = self.cfg, self.model_audio
@@ -197,9 +207,16 @@ class AudioOrderTask(Task):
         for split in ("train", "val", "test"):
             pairs, singles = (c.train_pairs, c.train_singles) if split == "train" else (c.eval_pairs, c.eval_singles)
             blocks = -(-pairs // PAIRS_PER_BLOCK)
-            kwargs = dict(seed=c.data_seed, split=split, pairs=-(-pairs // blocks), singles=-(-singles // blocks),
-                          sample_rate=a["sample_rate"], clip_seconds=a["clip_samples"] / a["sample_rate"],
-                          gap_seconds=tuple(c.gap), template_set=c.templates)
+            kwargs = dict(
+                seed=c.data_seed,
+                split=split,
+                pairs=-(-pairs // blocks),
+                singles=-(-singles // blocks),
+                sample_rate=a["sample_rate"],
+                clip_seconds=a["clip_samples"] / a["sample_rate"],
+                gap_seconds=tuple(c.gap),
+                template_set=c.templates,
+            )
             out[split] = from_generator(generate_block, "block", list(range(blocks)), self.schema, **kwargs)
         return out
 
@@ -210,8 +227,9 @@ class AudioOrderTask(Task):
     # -- model and loss ------------------------------------------------------------------------------------
     def build_model(self, load_pretrained: bool = True) -> CLAPEncoder:
         c = self.cfg
-        return CLAPEncoder(c.audio_model, c.text_model, c.pretrained if load_pretrained else "", c.spec_time_drop,
-                           c.order_pooling)
+        return CLAPEncoder(
+            c.audio_model, c.text_model, c.pretrained if load_pretrained else "", c.spec_time_drop, c.order_pooling
+        )
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         audio, pos, neg, scale = model(batch["audio"], batch["tokens"], batch["neg_tokens"])

@@ -8,7 +8,8 @@ module with one `Task` subclass, registered in `cliptime.tasks.TASKS`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa

@@ -19,8 +19,9 @@ time_weight * MSE`.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,6 @@ from PIL import Image
 from torch import nn
 
 from cliptime.config import option
-from cliptime.data.generated import from_generator
 from cliptime.data.fungal_growth import (
     NEUTRAL_CAPTION,
     STAGES,
@@ -40,6 +40,7 @@ from cliptime.data.fungal_growth import (
     generate_sequence,
     split_of_sequence,
 )
+from cliptime.data.generated import from_generator
 from cliptime.errors import CliptimeError
 from cliptime.models.heads import time_head
 from cliptime.models.open_clip_backbone import (
@@ -70,7 +71,9 @@ class FungalConfig:
     head_heads: int = option(8, "attention heads of the Time-Transformer")
     ffn_dim: int = option(2048, "feed-forward width of the Time-Transformer (hidden width of the MLP head)")
     cls_weight: float = option(1.0, "weight of the stage classification loss")
-    time_weight: float = option(1.0, "weight of the time regression loss")
+    time_weight: float = option(
+        5.0, "weight of the time regression loss (MSE on normalized time; the paper weights both losses 1)"
+    )
     caption_dropout: float = option(
         0.2, "probability of training with a stage-neutral caption, so image-only prediction works"
     )
@@ -180,8 +183,15 @@ class FungalTask(Task):
 
     def source(self) -> dict:
         c = self.cfg
-        return {"generator": "cliptime.data.fungal_growth", "hours": list(c.hours), "sequences": c.sequences,
-                "frames": c.frames, "image_size": c.image_size, "templates": c.templates, "data_seed": c.data_seed}
+        return {
+            "generator": "cliptime.data.fungal_growth",
+            "hours": list(c.hours),
+            "sequences": c.sequences,
+            "frames": c.frames,
+            "image_size": c.image_size,
+            "templates": c.templates,
+            "data_seed": c.data_seed,
+        }
 
     def check_manifest(self, manifest: dict) -> None:
         hours = manifest.get("source", {}).get("hours")
@@ -190,13 +200,16 @@ class FungalTask(Task):
 
     def generate(self) -> dict[str, ray.data.Dataset]:
         c = self.cfg
-        kwargs = dict(seed=c.data_seed, frames=c.frames, size=c.image_size, hours=tuple(c.hours),
-                      template_set=c.templates)
+        kwargs = dict(
+            seed=c.data_seed, frames=c.frames, size=c.image_size, hours=tuple(c.hours), template_set=c.templates
+        )
         return {
             split: from_generator(
-                generate_sequence, "index",
+                generate_sequence,
+                "index",
                 [i for i in range(c.sequences) if split_of_sequence(i, c.sequences) == split],
-                self.schema, **kwargs,
+                self.schema,
+                **kwargs,
             )
             for split in ("train", "val", "test")
         }
@@ -312,4 +325,3 @@ class FungalTask(Task):
         for i, name in enumerate(STAGES):
             out[f"prob_{name}"] = probs[:, i].astype(np.float64)
         return out
-

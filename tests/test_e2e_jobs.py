@@ -1,0 +1,147 @@
+"""End to end, as a user runs it: job scripts in their own processes, a killed run resumed, `ray job submit`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, registered_versions, run_job
+
+pytestmark = pytest.mark.slow
+
+TINY_CLIPTIME = [
+    "--sequences",
+    "7",
+    "--frames",
+    "10",
+    "--image-size",
+    "32",
+    "--head-depth",
+    "1",
+    "--ffn-dim",
+    "64",
+    "--batch-size",
+    "16",
+    "--cpus-per-worker",
+    "1",
+]
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, tmp_path):
+    storage = tmp_path / "ray_results"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "train_cliptime.py"),
+        *TINY_CLIPTIME,
+        "--epochs",
+        "4",
+        "--storage-path",
+        str(storage),
+        "--experiment",
+        "e2e-resume",
+    ]
+    # Slow the epochs down so that the kill lands mid-run: each epoch then takes several seconds.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(storage.glob("*/checkpoint_*")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the training worker, at once
+    proc.wait()
+    done_before = len(list(storage.glob("*/checkpoint_*")))
+    assert 1 <= done_before < 4
+
+    resumed = run_job(
+        "train_cliptime.py",
+        "--resume",
+        "--storage-path",
+        str(storage),
+        env={"MLFLOW_TRACKING_URI": mlflow_store},
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = last_json(resumed.stdout)
+    client = MlflowClient(mlflow_store)
+    steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "train/loss"))
+    assert steps == [0, 1, 2, 3]  # every epoch once: none lost, none logged twice
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
+    assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime-fungal")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
+    """`ray start --head` turns on token auth; with RAY_AUTH_MODE=token the client reads the saved token."""
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=3",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store}})
+        submit = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "job",
+            "submit",
+            f"--address={address}",
+            "--working-dir",
+            str(ROOT),
+            f"--runtime-env-json={runtime_env}",
+            "--",
+            "python",
+            "jobs/train_cliptime.py",
+            *TINY_CLIPTIME,
+            "--epochs",
+            "1",
+            "--storage-path",
+            str(tmp_path / "results"),
+        ]
+        for _ in range(60):  # the dashboard takes a few seconds to come up
+            proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600)
+            if "Connection refused" not in proc.stderr + proc.stdout:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
+        assert result["model_name"] == "cliptime-fungal" and result["model_version"] == "1"
+        assert registered_versions(store, "cliptime-fungal")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
