@@ -105,14 +105,16 @@ def main() -> None:
     args = parser.parse_args()
     tasks = list(JOBS) if args.task == "all" else [args.task]
     when = datetime.date.today().isoformat()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [run(task, args.extra, Path(tmp)) for task in tasks]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"jobs-{'-'.join(tasks)}-{when}"
-    payload = {"date": when, "machine": machine(), "results": rows}
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(rows, when, payload["machine"]))
+    payload = {"date": when, "machine": machine(), "results": []}
+    rows = payload["results"]
+    for task in tasks:  # results are written after each job, so a later failure loses none
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.append(run(task, args.extra, Path(tmp)))
+        (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(markdown(rows, when, payload["machine"]))
     print(
         json.dumps({"written": str(out / f"{stem}.json"), "targets_met": all(all(r["targets"].values()) for r in rows)})
     )

@@ -95,3 +95,26 @@ def make_shards_main(argv: list[str] | None = None) -> int:
         return {"out_dir": args.out_dir, "manifest": manifest}
 
     return run_job(job)
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Sweep a task's hyperparameters with Ray Tune (OptunaSearch + ASHA) from a tune_spaces/ "
+        "YAML file; register the best model and move the alias `champion` to it if it beats the current one.",
+    )
+    parser.add_argument("space", help="search-space YAML file, e.g. tune_spaces/cliptime-quick.yaml")
+    parser.add_argument("--storage-path", default="~/ray_results", help="where trials and checkpoints go")
+    parser.add_argument("--experiment", default="cliptime-sweeps", help="MLflow experiment of the sweep runs")
+    parser.add_argument("--name", default="", help="sweep name (default: sweep-<task>-<timestamp>)")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", default="",
+        help="finish an interrupted sweep (by name, or the latest of the file's task)",
+    )
+    args = parser.parse_args(argv)
+
+    def job():
+        from cliptime.tune import sweep
+
+        return sweep(args.space, args.storage_path, args.experiment, args.resume, args.name)
+
+    return run_job(job)

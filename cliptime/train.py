@@ -62,6 +62,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Use exactly the CPUs this worker reserved: more would steal Ray Data's, fewer would idle them.
+        torch.set_num_threads(tc.cpus_per_worker)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
     model = task.build_model()
@@ -97,7 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs):
         started = time.time()
         model.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
         steps = 0
         for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -110,9 +113,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             steps += 1
             for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
         metrics = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-        metrics.update({f"train/{k}": v / max(steps, 1) for k, v in sums.items()})
+        metrics.update({f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()})
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:
@@ -163,9 +166,6 @@ class JobResult:
     metrics: dict[str, float]
     checkpoint: str
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
 
 def _storage(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str, str]:
     """(filesystem, path within it, the storage path Ray should get) for a local dir or a URI."""
@@ -205,27 +205,30 @@ def init_ray(reserved_cpus: int = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    ray.init(num_cpus=max(os.cpu_count() or 1, reserved_cpus + 1), include_dashboard=False)
+    # address="local": a new instance, even where a `ray start` cluster on this machine would be auto-joined.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, reserved_cpus + 1), include_dashboard=False)
 
 
-def _fit_and_test(
-    task: Task,
-    tc: TrainConfig,
-    datasets: dict,
-    name: str,
-    storage_path: str,
-    uri: str,
-    run_id: str,
-    steps_per_epoch: int,
-):
-    """Train `task` under Ray run `name`, logging epochs to MLflow run `run_id`; evaluate on the test split."""
-    task_config, train_config = asdict(task.cfg), asdict(tc)
+def prepare_data(task: Task, tc: TrainConfig) -> tuple[dict[str, ray.data.Dataset], int]:
+    """(model-ready datasets per split, optimizer steps per epoch) for `task` trained with `tc`."""
+    raw = load_data(task)
+    n_train = raw["train"].count()
+    steps_per_epoch = n_train // tc.batch_size
+    if steps_per_epoch == 0:
+        raise CliptimeError(f"the train split has {n_train} rows, fewer than --batch-size {tc.batch_size}")
+    return preprocess(task, raw, batch_size=max(1, tc.batch_size // tc.num_workers)), steps_per_epoch
+
+
+def fit(
+    task: Task, tc: TrainConfig, datasets: dict, steps_per_epoch: int, name: str, storage_path: str, callbacks: list
+) -> ray.train.Result:
+    """Train `task` as Ray Train run `name` (resuming it if its storage holds checkpoints)."""
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "task": task.name,
-            "task_config": task_config,
-            "train_config": train_config,
+            "task_config": asdict(task.cfg),
+            "train_config": asdict(tc),
             "steps_per_epoch": steps_per_epoch,
         },
         scaling_config=ScalingConfig(
@@ -235,18 +238,36 @@ def _fit_and_test(
             name=name,
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[tracking.EpochLogger(uri, run_id)],
+            callbacks=callbacks,
         ),
         datasets={"train": datasets["train"], "val": datasets["val"]},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    print(f"{name}: evaluating the final model on the test split", flush=True)
-    metrics, outputs = ray.get(
+    return trainer.fit()
+
+
+def test(task: Task, tc: TrainConfig, checkpoint: ray.train.Checkpoint, dataset: ray.data.Dataset):
+    """(metrics, outputs) of the checkpoint on the test split, computed where GPUs are if training used them."""
+    print(f"evaluating {checkpoint.path} on the test split", flush=True)
+    return ray.get(
         _evaluate_remote.options(num_gpus=1 if tc.use_gpu else 0).remote(
-            task.name, task_config, result.checkpoint, datasets["test"], tc.use_gpu
+            task.name, asdict(task.cfg), checkpoint, dataset, tc.use_gpu
         )
     )
+
+
+def _fit_and_test(
+    task: Task,
+    tc: TrainConfig,
+    datasets: dict,
+    steps_per_epoch: int,
+    name: str,
+    storage_path: str,
+    uri: str,
+    run_id: str,
+):
+    result = fit(task, tc, datasets, steps_per_epoch, name, storage_path, [tracking.EpochLogger(uri, run_id)])
+    metrics, outputs = test(task, tc, result.checkpoint, datasets["test"])
     return result, metrics, outputs
 
 
@@ -280,12 +301,7 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
     tracking.check_reachable(uri)
     init_ray(tc.num_workers * tc.cpus_per_worker)
 
-    raw = load_data(task)
-    n_train = raw["train"].count()
-    steps_per_epoch = n_train // tc.batch_size
-    if steps_per_epoch == 0:
-        raise CliptimeError(f"the train split has {n_train} rows, fewer than --batch-size {tc.batch_size}")
-    datasets = preprocess(task, raw, batch_size=max(1, tc.batch_size // tc.num_workers))
+    datasets, steps_per_epoch = prepare_data(task, tc)
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -306,7 +322,7 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
     try:
         with mlflow.start_run(run_id=run_id):
             result, metrics, outputs = _fit_and_test(
-                task, tc, datasets, name, storage_path, uri, run_id, steps_per_epoch
+                task, tc, datasets, steps_per_epoch, name, storage_path, uri, run_id
             )
             test_metrics = {f"test/{k}": v for k, v in metrics.items()}
             mlflow.log_metrics(test_metrics)
@@ -325,11 +341,11 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
                     baseline,
                     tc,
                     datasets,
+                    steps_per_epoch,
                     f"{name}-baseline",
                     storage_path,
                     uri,
                     saved["baseline_run_id"],
-                    steps_per_epoch,
                 )
                 client.set_terminated(saved["baseline_run_id"])
                 mlflow.log_metrics({f"baseline/test/{k}": v for k, v in baseline_metrics.items()})
