@@ -107,7 +107,10 @@ def tune_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="cliptime-sweeps", help="MLflow experiment of the sweep runs")
     parser.add_argument("--name", default="", help="sweep name (default: sweep-<task>-<timestamp>)")
     parser.add_argument(
-        "--resume", nargs="?", const="latest", default="",
+        "--resume",
+        nargs="?",
+        const="latest",
+        default="",
         help="finish an interrupted sweep (by name, or the latest of the file's task)",
     )
     args = parser.parse_args(argv)
@@ -116,5 +119,39 @@ def tune_main(argv: list[str] | None = None) -> int:
         from cliptime.tune import sweep
 
         return sweep(args.space, args.storage_path, args.experiment, args.resume, args.name)
+
+    return run_job(job)
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Predict with a registered cliptime model. CLIPTime: an image (stage, class probabilities, "
+        "hours) or a folder of images (a Parquet/CSV table, computed with Ray Data). T-CLAP: an audio file with "
+        "candidate captions (ranked) or --order A B (which order the clip plays).",
+    )
+    parser.add_argument("model", help="model URI, e.g. models:/cliptime-fungal@champion or models:/tclap/1")
+    parser.add_argument("input", help="image file or folder (CLIPTime); WAV/FLAC file (T-CLAP)")
+    parser.add_argument("--caption", default="", help="CLIPTime: the photo's description (default: none)")
+    parser.add_argument("--out", default="", help="CLIPTime folders: output .parquet or .csv")
+    parser.add_argument("--captions", nargs="+", default=[], help="T-CLAP: candidate captions to rank")
+    parser.add_argument("--order", nargs=2, metavar=("A", "B"), help="T-CLAP: two events; which plays first?")
+    args = parser.parse_args(argv)
+
+    def job():
+        from pathlib import Path
+
+        from cliptime import predict
+
+        path = Path(args.input)
+        if not path.exists():
+            raise CliptimeError(f"input {path} does not exist")
+        _, task = predict.load(args.model)
+        if task.name == "cliptime":
+            if args.captions or args.order:
+                raise CliptimeError(f"{args.model} is a CLIPTime model: --captions and --order are for T-CLAP")
+            return predict.predict_cliptime(args.model, path, args.caption, Path(args.out) if args.out else None)
+        if args.caption or args.out:
+            raise CliptimeError(f"{args.model} is a T-CLAP model: --caption and --out are for CLIPTime")
+        return predict.predict_tclap(args.model, path, args.captions, args.order)
 
     return run_job(job)

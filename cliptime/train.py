@@ -49,10 +49,14 @@ def load_data(task: Task) -> dict[str, ray.data.Dataset]:
 
 
 def preprocess(task: Task, raw: dict[str, ray.data.Dataset], batch_size: int) -> dict[str, ray.data.Dataset]:
-    return {
-        split: ds.map_batches(task.preprocessor(split), batch_format="numpy", batch_size=batch_size)
-        for split, ds in raw.items()
-    }
+    """Model-ready datasets. Decoding (deterministic, the heavy libraries) runs once per split and is kept in
+    the object store; the train split is then augmented anew each epoch, streamed into the workers."""
+    out = {}
+    for split, ds in raw.items():
+        decoded = ds.map_batches(task.preprocessor(), batch_format="numpy", batch_size=batch_size).materialize()
+        augment = task.augmenter() if split == "train" else None
+        out[split] = decoded if augment is None else decoded.map_batches(augment, batch_format="numpy")
+    return out
 
 
 # -- the training loop, on every worker ---------------------------------------------------------------------
@@ -102,7 +106,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
         steps = 0
+        waited, fetch_started = 0.0, time.time()
         for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True):
+            waited += time.time() - fetch_started
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss, parts = task.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -114,7 +120,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             steps += 1
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        metrics = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+            fetch_started = time.time()
+        # time the step waited for its batch: what the data pipeline costs the model
+        metrics = {
+            "epoch": epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "data_wait_fraction": waited / (time.time() - started),
+        }
         metrics.update({f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()})
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
@@ -132,6 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save(state, Path(tmp) / "state.pt")
                 saved = ray.train.Checkpoint.from_directory(tmp)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "lr"))
+                shown += f" | {time.time() - started - waited:.0f} s compute+eval, {waited:.0f} s waiting for data"
                 print(
                     f"epoch {epoch + 1}/{tc.epochs} ({steps} steps, {time.time() - started:.0f} s): {shown}", flush=True
                 )

@@ -70,9 +70,7 @@ class SweepSpec:
 
 
 def _setting_names(task: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(TASKS[task].Config)} | {
-        f.name for f in dataclasses.fields(TrainConfig)
-    }
+    return {f.name for f in dataclasses.fields(TASKS[task].Config)} | {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -126,7 +124,7 @@ def _check_distribution(path: Path, name: str, dist: Any) -> None:
     where = f"{path}: space.{name}"
     if not isinstance(dist, dict) or len(dist) != 1:
         raise CliptimeError(f"{where} must be one of {{{' | '.join(DISTRIBUTIONS)}: [...]}}")
-    (kind, args), = dist.items()
+    ((kind, args),) = dist.items()
     if kind not in DISTRIBUTIONS:
         raise CliptimeError(f"{where}: unknown distribution {kind!r} (known: {', '.join(DISTRIBUTIONS)})")
     if kind == "choice":
@@ -147,7 +145,7 @@ def _check_distribution(path: Path, name: str, dist: Any) -> None:
 def search_space(spec: SweepSpec) -> dict[str, Any]:
     space = {}
     for name, dist in spec.space.items():
-        (kind, args), = dist.items()
+        ((kind, args),) = dist.items()
         if kind == "choice":
             space[name] = tune.choice(args)
         elif kind == "uniform":
@@ -173,7 +171,8 @@ def _child_run(client: MlflowClient, experiment_id: str, parent: str, trial: str
     if found:
         return found[0].info.run_id
     run = client.create_run(
-        experiment_id, run_name=trial,
+        experiment_id,
+        run_name=trial,
         tags={"mlflow.parentRunId": parent, "cliptime.trial": trial, "cliptime.task": task.name},
     )
     mlflow.log_params({**flat_params("task", task.cfg)}, run_id=run.info.run_id)
@@ -189,8 +188,15 @@ def _trial(config: dict, *, spec: dict, sweep: str, storage_path: str, uri: str,
     client = MlflowClient(uri)
     child = _child_run(client, tracking.experiment_id(client, experiment), parent, trial, task)
     datasets, steps_per_epoch = train.prepare_data(task, tc)
-    train.fit(task, tc, datasets, steps_per_epoch, f"{sweep}-{trial}", storage_path,
-              [tracking.EpochLogger(uri, child), TuneReportCallback()])
+    train.fit(
+        task,
+        tc,
+        datasets,
+        steps_per_epoch,
+        f"{sweep}-{trial}",
+        storage_path,
+        [tracking.EpochLogger(uri, child), TuneReportCallback()],
+    )
     client.set_terminated(child)
 
 
@@ -205,18 +211,23 @@ def _optuna_figures(spec: SweepSpec, results: tune.ResultGrid) -> dict[str, Any]
 
     distributions = {}
     for name, dist in spec.space.items():
-        (kind, args), = dist.items()
+        ((kind, args),) = dist.items()
         distributions[name] = (
-            CategoricalDistribution(args) if kind == "choice"
-            else IntDistribution(int(args[0]), int(args[1])) if kind == "int"
+            CategoricalDistribution(args)
+            if kind == "choice"
+            else IntDistribution(int(args[0]), int(args[1]))
+            if kind == "int"
             else FloatDistribution(args[0], args[1], log=kind == "loguniform")
         )
     study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
     for r in results:
         if r.metrics and spec.metric in r.metrics:
             params = {k: r.config[k] for k in distributions}
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
-                                                      value=float(r.metrics[spec.metric])))
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params, distributions=distributions, value=float(r.metrics[spec.metric])
+                )
+            )
     figures = {}
     if study.trials:
         figures["optuna_history.png"] = optuna_plots.plot_optimization_history(study).figure
@@ -243,8 +254,13 @@ def promote_champion(client: MlflowClient, model: str, version: str, metric: str
     return moved, before
 
 
-def sweep(spec_path: str, storage_path: str = "~/ray_results", experiment: str = "cliptime-sweeps",
-          resume: str = "", name: str = "") -> dict[str, Any]:
+def sweep(
+    spec_path: str,
+    storage_path: str = "~/ray_results",
+    experiment: str = "cliptime-sweeps",
+    resume: str = "",
+    name: str = "",
+) -> dict[str, Any]:
     """Run (or `resume`, by name or 'latest') a sweep; register its best model; maybe move `champion`."""
     spec = load_spec(spec_path)
     task, tc = _trial_settings(spec, spec.fixed, storage_path, experiment)
@@ -258,18 +274,35 @@ def sweep(spec_path: str, storage_path: str = "~/ray_results", experiment: str =
         parent = saved["mlflow_run_id"]
     else:
         name = name or f"sweep-{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = client.create_run(tracking.experiment_id(client, experiment), run_name=name,
-                                   tags={"cliptime.task": spec.task, "cliptime.sweep": name}).info.run_id
-        mlflow.log_params({"spec": Path(spec_path).name, "metric": spec.metric, "mode": spec.mode,
-                           "num_samples": spec.num_samples, **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
-                          run_id=parent)
+        parent = client.create_run(
+            tracking.experiment_id(client, experiment),
+            run_name=name,
+            tags={"cliptime.task": spec.task, "cliptime.sweep": name},
+        ).info.run_id
+        mlflow.log_params(
+            {
+                "spec": Path(spec_path).name,
+                "metric": spec.metric,
+                "mode": spec.mode,
+                "num_samples": spec.num_samples,
+                **{f"fixed.{k}": v for k, v in spec.fixed.items()},
+            },
+            run_id=parent,
+        )
         fs.create_dir(f"{root}/{name}", recursive=True)
         with fs.open_output_stream(f"{root}/{name}/{SWEEP_FILE}") as f:
             f.write(json.dumps({"task": spec.task, "spec": asdict(spec), "mlflow_run_id": parent}).encode())
     train.init_ray(spec.max_concurrent * tc.num_workers * tc.cpus_per_worker)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, spec=asdict(spec), sweep=name, storage_path=storage_path, uri=uri,
-                             parent=parent, experiment=experiment),
+        tune.with_parameters(
+            _trial,
+            spec=asdict(spec),
+            sweep=name,
+            storage_path=storage_path,
+            uri=uri,
+            parent=parent,
+            experiment=experiment,
+        ),
         {"cpu": 0},  # the trial only drives its TorchTrainer, whose workers reserve the CPUs
     )
     if resume:
@@ -281,16 +314,23 @@ def sweep(spec_path: str, storage_path: str = "~/ray_results", experiment: str =
 
         sched = spec.scheduler
         scheduler = (
-            ASHAScheduler(time_attr="training_iteration", max_t=tc.epochs,
-                          grace_period=int(sched.get("grace_period", 1)),
-                          reduction_factor=float(sched.get("reduction_factor", 2)))
-            if sched.get("type", "asha") == "asha" else FIFOScheduler()
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=tc.epochs,
+                grace_period=int(sched.get("grace_period", 1)),
+                reduction_factor=float(sched.get("reduction_factor", 2)),
+            )
+            if sched.get("type", "asha") == "asha"
+            else FIFOScheduler()
         )
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(spec),
             tune_config=tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=scheduler,
+                metric=spec.metric,
+                mode=spec.mode,
+                num_samples=spec.num_samples,
+                scheduler=scheduler,
                 search_alg=ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.max_concurrent),
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage_path),
@@ -313,16 +353,28 @@ def sweep(spec_path: str, storage_path: str = "~/ray_results", experiment: str =
         tracking.log_figures(parent, _optuna_figures(spec, results), client)
         model = train.load_checkpoint_model(task, checkpoint)
         _, version = tracking.log_and_register(
-            task, model, asdict(task.cfg), True,
+            task,
+            model,
+            asdict(task.cfg),
+            True,
             tags={"sweep": name, **{k: f"{v:.4f}" for k, v in test_metrics.items()}},
         )
         moved, before = promote_champion(client, task.registered_model, version, spec.metric, value, spec.mode)
     champion = client.get_model_version_by_alias(task.registered_model, "champion").version
     return {
-        "sweep": name, "run_id": parent, "trials": len(results), "finished_trials": len(finished),
-        "best_config": best.config, "metric": spec.metric, "best_value": value, "test_metrics": metrics,
-        "model_name": task.registered_model, "model_version": version, "champion_moved": moved,
-        "champion_value_before": before, "champion_version": str(champion),
+        "sweep": name,
+        "run_id": parent,
+        "trials": len(results),
+        "finished_trials": len(finished),
+        "best_config": best.config,
+        "metric": spec.metric,
+        "best_value": value,
+        "test_metrics": metrics,
+        "model_name": task.registered_model,
+        "model_version": version,
+        "champion_moved": moved,
+        "champion_value_before": before,
+        "champion_version": str(champion),
     }
 
 

@@ -145,3 +145,71 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+def test_interrupted_sweep_resumes_and_finishes_the_remaining_trials(mlflow_store, tmp_path):
+    import yaml
+
+    spec = {
+        "task": "cliptime",
+        "metric": "val/accuracy",
+        "mode": "max",
+        "num_samples": 3,
+        "max_concurrent": 1,
+        "seed": 1,
+        "scheduler": {"type": "fifo"},
+        "fixed": {
+            "epochs": 2,
+            "sequences": 7,
+            "frames": 10,
+            "image_size": 32,
+            "head_depth": 1,
+            "ffn_dim": 64,
+            "batch_size": 16,
+            "cpus_per_worker": 1,
+        },
+        "space": {"lr": {"loguniform": [0.001, 0.003]}},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    storage = tmp_path / "rr"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "tune.py"),
+        str(path),
+        "--storage-path",
+        str(storage),
+        "--experiment",
+        "e2e-sweep-resume",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, start_new_session=True
+    )
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(storage.glob("sweep-*-*/checkpoint_*")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    resumed = run_job(
+        "tune.py",
+        str(path),
+        "--resume",
+        "--storage-path",
+        str(storage),
+        "--experiment",
+        "e2e-sweep-resume",
+        env={"MLFLOW_TRACKING_URI": mlflow_store},
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    result = last_json(resumed.stdout)
+    assert result["trials"] == 3 and result["finished_trials"] == 3
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("e2e-sweep-resume")
+    parents = client.search_runs([experiment.experiment_id], f"tags.`cliptime.sweep` = '{result['sweep']}'")
+    assert [p.info.run_id for p in parents] == [result["run_id"]]  # the parent run was reused
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert len(children) == 3

@@ -7,7 +7,7 @@ from cliptime.tasks import make_task
 
 
 def batch(task, n=4):
-    prep = task.preprocessor("val")
+    prep = task.preprocessor()
     from cliptime.data.fungal_growth import generate_sequence
 
     cols = generate_sequence(0, 0, frames=n, size=64, hours=(0, 72), template_set="generic")

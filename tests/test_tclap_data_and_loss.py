@@ -107,7 +107,7 @@ def test_bad_settings_are_named(config, named):
 def test_wrong_sample_rate_in_shards_is_named():
     cols = generate_block(0, "train", 0, **{**KW, "pairs": 1, "singles": 0})
     batch = {k: np.array(v, dtype=object if isinstance(v[0], (bytes, str)) else None) for k, v in cols.items()}
-    prep = make_task("tclap").preprocessor("val")
+    prep = make_task("tclap").preprocessor()
     assert prep(dict(batch))["audio"].shape == (2, 32000)
     with pytest.raises(CliptimeError, match="48000 Hz, the model takes 16000 Hz"):
         prep({**batch, "sample_rate": np.array([48000, 48000])})

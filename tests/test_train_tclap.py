@@ -45,3 +45,35 @@ def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path
     sf.write(buf, np.random.default_rng(0).normal(0, 0.1, 32000).astype(np.float32), 16000, format="WAV")
     out = model.predict(pd.DataFrame({"audio": [buf.getvalue()] * 2, "caption": ["knocking", "a low buzz"]}))
     assert list(out.columns) == ["caption", "score"] and np.isfinite(out["score"]).all()
+
+    # the job script: which order does a clip play?
+    import json
+
+    from cliptime.data.sound_events import from_pcm16, generate_block
+    from tests.conftest import run_job
+
+    cols = generate_block(
+        0,
+        "test",
+        0,
+        pairs=1,
+        singles=0,
+        sample_rate=16000,
+        clip_seconds=2.0,
+        gap_seconds=(0.0, 0.0),
+        template_set="basic",
+    )
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, from_pcm16(cols["audio"][0]), 16000)
+    proc = run_job(
+        "predict.py",
+        f"models:/tclap/{result.model_version}",
+        str(wav),
+        "--order",
+        "knocking",
+        "a low buzz",
+        env={"MLFLOW_TRACKING_URI": tracking},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(out["order"]) == ["a low buzz", "knocking"] and len(out["ranking"]) == 2

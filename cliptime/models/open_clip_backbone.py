@@ -8,6 +8,7 @@ the network).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import open_clip
@@ -52,8 +53,12 @@ def embed_dim(model_name: str) -> int:
     return open_clip.get_model_config(model_name)["embed_dim"]
 
 
+@functools.cache
 def tokenizer_for(model_name: str):
-    """The model's own tokenizer (CLIP BPE with vocab 49408 for the project's configs)."""
+    """The model's own tokenizer (CLIP BPE with vocab 49408 for the project's configs).
+
+    Cached per process: building it reads the BPE vocabulary (~0.5 s), and Ray Data calls the preprocessor in
+    many short tasks on the same worker processes."""
     return open_clip.get_tokenizer(model_name)
 
 

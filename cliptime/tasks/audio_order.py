@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptime.config import option
+from cliptime.data.augment import LoudnessJitter
 from cliptime.data.generated import from_generator
 from cliptime.data.sound_events import EVENT_CLASSES, from_pcm16, generate_block, order_templates
 from cliptime.errors import CliptimeError
@@ -69,16 +70,15 @@ class AudioOrderConfig:
 class AudioOrderPreprocessor:
     """Shard rows -> float waveforms of the model's length, token ids of caption and negative, event keys."""
 
-    def __init__(self, encoder_args: dict, classes: list[str], train: bool):
-        self.encoder_args, self.classes, self.train = encoder_args, classes, train
-        self._tokenize = None
+    def __init__(self, encoder_args: dict, classes: list[str]):
+        self.encoder_args, self.classes = encoder_args, classes
+
+    def tokenize(self, texts) -> np.ndarray:
+        from cliptime.models.clap import clap_module
+
+        return clap_module().tokenize([str(t) for t in texts], self.encoder_args["context_length"]).numpy()
 
     def __call__(self, batch: NumpyBatch) -> NumpyBatch:
-        if self._tokenize is None:
-            from cliptime.models.clap import clap_module
-
-            context = clap_module().factory._MODEL_CONFIGS[self.encoder_args["audio_model"]]["text_cfg"]
-            self._tokenize = lambda texts: clap_module().tokenize(texts, context_length=context["context_length"])
         samples = self.encoder_args["clip_samples"]
         audio = np.zeros((len(batch["audio"]), samples), dtype=np.float32)
         for i, data in enumerate(batch["audio"]):
@@ -89,15 +89,13 @@ class AudioOrderPreprocessor:
                 )
             x = from_pcm16(data)
             audio[i, : min(len(x), samples)] = x[:samples]
-        if self.train:  # loudness jitter: order, not level, is what the captions describe
-            audio *= 10 ** (np.random.default_rng().uniform(-6, 3, (len(audio), 1)) / 20)
         index = {c: i for i, c in enumerate(self.classes)}
         first = np.array([index[c] for c in batch["first"]], dtype=np.int64)
         second = np.array([index.get(c, -1) for c in batch["second"]], dtype=np.int64)
         return {
             "audio": audio,
-            "tokens": self._tokenize([str(c) for c in batch["caption"]]).numpy(),
-            "neg_tokens": self._tokenize([str(c) for c in batch["negative"]]).numpy(),
+            "tokens": self.tokenize(batch["caption"]),
+            "neg_tokens": self.tokenize(batch["negative"]),
             "first": first,
             "second": second,
             # clips with the same event(s) in the same order are positives of each other
@@ -157,8 +155,12 @@ class AudioOrderTask(Task):
 
     @property
     def model_audio(self) -> dict:
-        audio_cfg = check_clap(self.cfg.audio_model, self.cfg.text_model)["audio_cfg"]
-        return {"sample_rate": audio_cfg["sample_rate"], "clip_samples": audio_cfg["clip_samples"]}
+        cfg = check_clap(self.cfg.audio_model, self.cfg.text_model)
+        return {
+            "sample_rate": cfg["audio_cfg"]["sample_rate"],
+            "clip_samples": cfg["audio_cfg"]["clip_samples"],
+            "context_length": cfg["text_cfg"].get("context_length", 77),
+        }
 
     # -- data ----------------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -220,9 +222,12 @@ class AudioOrderTask(Task):
             out[split] = from_generator(generate_block, "block", list(range(blocks)), self.schema, **kwargs)
         return out
 
-    def preprocessor(self, split: str) -> AudioOrderPreprocessor:
+    def preprocessor(self) -> AudioOrderPreprocessor:
         args = {"audio_model": self.cfg.audio_model, **self.model_audio}
-        return AudioOrderPreprocessor(args, list(self.classes), split == "train")
+        return AudioOrderPreprocessor(args, list(self.classes))
+
+    def augmenter(self) -> LoudnessJitter:
+        return LoudnessJitter()
 
     # -- model and loss ------------------------------------------------------------------------------------
     def build_model(self, load_pretrained: bool = True) -> CLAPEncoder:

@@ -49,10 +49,15 @@ class Task(ABC):
         """Reject shards made for another configuration (sample rate, clip length, ...)."""
 
     @abstractmethod
-    def preprocessor(self, split: str) -> Callable[[NumpyBatch], NumpyBatch]:
-        """A picklable `map_batches` function: shard rows -> model-ready arrays (decode, augment, tokenize).
+    def preprocessor(self) -> Callable[[NumpyBatch], NumpyBatch]:
+        """A picklable `map_batches` function: shard rows -> model-ready arrays (decode, tokenize, labels).
 
-        It runs in Ray Data, in parallel with training, not in the training step."""
+        Deterministic: it runs once per data set in Ray Data, not in the training step."""
+
+    def augmenter(self) -> Callable[[NumpyBatch], NumpyBatch] | None:
+        """A picklable `map_batches` function for random training augmentation, run each epoch; it should
+        live in a module that imports numpy only (see cliptime.data.augment)."""
+        return None
 
     # -- model and loss ------------------------------------------------------------------------------------
     @abstractmethod

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import nn
 
 from cliptime.config import option
+from cliptime.data.augment import FlipRotateCaptionDropout
 from cliptime.data.fungal_growth import (
     NEUTRAL_CAPTION,
     STAGES,
@@ -112,30 +113,15 @@ def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
 
 
 class FungalPreprocessor:
-    """Shard rows -> uint8 images at the model's size, token ids, stage index, normalized time.
+    """Shard rows -> uint8 images at the model's size, token ids, stage index, normalized time."""
 
-    Training batches are augmented with flips and quarter turns (growth has no orientation) and caption dropout.
-    """
-
-    def __init__(self, model: str, image_size: tuple[int, int], train: bool, caption_dropout: float):
-        self.model, self.size, self.train, self.caption_dropout = model, image_size, train, caption_dropout
-        self._tokenizer = None
+    def __init__(self, model: str, image_size: tuple[int, int]):
+        self.model, self.size = model, image_size
 
     def __call__(self, batch: NumpyBatch) -> NumpyBatch:
-        if self._tokenizer is None:
-            self._tokenizer = tokenizer_for(self.model)
-        images = np.stack([decode_image(b, self.size) for b in batch["image"]])
-        captions = [str(c) for c in batch["caption"]]
-        if self.train:
-            rng = np.random.default_rng()
-            images = np.stack([np.rot90(im, int(rng.integers(4))) for im in images])
-            flip = rng.random(len(images)) < 0.5
-            images[flip] = images[flip, :, ::-1]
-            drop = rng.random(len(captions)) < self.caption_dropout
-            captions = [NEUTRAL_CAPTION if d else c for c, d in zip(captions, drop)]
         return {
-            "image": np.ascontiguousarray(images),
-            "tokens": self._tokenizer(captions).numpy(),
+            "image": np.stack([decode_image(b, self.size) for b in batch["image"]]),
+            "tokens": tokenizer_for(self.model)([str(c) for c in batch["caption"]]).numpy(),
             "stage": np.array([STAGES.index(s) for s in batch["stage"]], dtype=np.int64),
             "t": np.asarray(batch["t"], dtype=np.float32),
         }
@@ -214,9 +200,12 @@ class FungalTask(Task):
             for split in ("train", "val", "test")
         }
 
-    def preprocessor(self, split: str) -> FungalPreprocessor:
-        size = tuple(image_size(self.cfg.model))
-        return FungalPreprocessor(self.cfg.model, size, split == "train", self.cfg.caption_dropout)
+    def preprocessor(self) -> FungalPreprocessor:
+        return FungalPreprocessor(self.cfg.model, image_size(self.cfg.model))
+
+    def augmenter(self) -> FlipRotateCaptionDropout:
+        neutral = tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION]).numpy()[0]
+        return FlipRotateCaptionDropout(neutral, self.cfg.caption_dropout)
 
     # -- model and loss ------------------------------------------------------------------------------------
     def build_model(self, load_pretrained: bool = True) -> CLIPTimeModel:

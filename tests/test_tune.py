@@ -1,0 +1,107 @@
+"""Sweeps: search-space files, a 2-trial sweep with MLflow parent/child runs and the champion alias."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cliptime.errors import CliptimeError
+from cliptime.tune import load_spec, promote_champion, sweep
+from tests.conftest import ROOT, run_job
+
+TINY_FIXED = {
+    "epochs": 1,
+    "sequences": 7,
+    "frames": 10,
+    "image_size": 32,
+    "head_depth": 1,
+    "ffn_dim": 64,
+    "batch_size": 16,
+    "cpus_per_worker": 1,
+}
+
+
+def write_spec(tmp_path: Path, **overrides) -> Path:
+    spec = {
+        "task": "cliptime",
+        "metric": "val/accuracy",
+        "mode": "max",
+        "num_samples": 2,
+        "max_concurrent": 1,
+        "seed": 0,
+        "scheduler": {"type": "fifo"},
+        "fixed": TINY_FIXED,
+        "space": {"lr": {"loguniform": [0.001, 0.003]}, "head": {"choice": ["transformer", "mlp"]}},
+    }
+    spec.update(overrides)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "tune_spaces").glob("*.yaml")))
+def test_shipped_spaces_are_valid(name):
+    spec = load_spec(ROOT / "tune_spaces" / name)
+    assert spec.space and spec.num_samples >= 4
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        ({"trials": 3}, "unknown key(s) trials"),
+        ({"space": {"lr": {"uniform": [0.01, 0.001]}}}, "space.lr: bounds [0.01, 0.001] need low < high"),
+        ({"space": {"lr": {"gaussian": [0, 1]}}}, "space.lr: unknown distribution 'gaussian'"),
+        ({"space": {"lr": {"loguniform": [0, 1]}}}, "space.lr: loguniform bounds must be positive"),
+        ({"space": {"depth": {"int": [1, 4]}}}, "space.depth is not a cliptime task or training setting"),
+        ({"fixed": {"epochz": 2}}, "fixed.epochz is not"),
+        ({"task": "video"}, "task 'video'"),
+        ({"scheduler": {"type": "hyperband"}}, "scheduler.type 'hyperband'"),
+    ],
+)
+def test_malformed_space_names_the_key(tmp_path, overrides, named):
+    with pytest.raises(CliptimeError, match=re.escape(named)):
+        load_spec(write_spec(tmp_path, **overrides))
+
+
+def test_malformed_space_fails_before_ray_starts(tmp_path):
+    path = write_spec(tmp_path, space={"lr": {"uniform": [1, 0]}})
+    proc = run_job("tune.py", str(path), "--storage-path", str(tmp_path / "rr"), timeout=120)
+    assert proc.returncode == 2 and "space.lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
+
+
+def test_bad_yaml_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("task: cliptime\nspace: [unclosed\n")
+    with pytest.raises(CliptimeError, match="bad.yaml is not valid YAML"):
+        load_spec(path)
+
+
+def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, tracking, tmp_path):
+    result = sweep(str(write_spec(tmp_path)), str(tmp_path / "rr"), "test-sweeps")
+    assert result["trials"] == 2 and result["finished_trials"] == 2
+    assert result["champion_version"] == result["model_version"]  # first sweep: no champion to beat
+    client = MlflowClient(tracking)
+    parent = client.get_run(result["run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert len(children) == 2
+    assert all(client.get_metric_history(c.info.run_id, "val/accuracy") for c in children)
+    plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
+    assert plots == {"plots/optuna_history.png", "plots/optuna_param_importances.png"}
+    version = client.get_model_version("cliptime-fungal", result["model_version"])
+    assert float(version.tags["sweep.val/accuracy"]) == pytest.approx(result["best_value"])
+
+    # A later model that does worse does not take the alias; one that does better does.
+    champion = client.get_model_version_by_alias("cliptime-fungal", "champion")
+    worse = client.create_model_version("cliptime-fungal", champion.source, champion.run_id)
+    moved, before = promote_champion(
+        client, "cliptime-fungal", worse.version, "val/accuracy", result["best_value"] - 0.1, "max"
+    )
+    assert not moved and before == pytest.approx(result["best_value"])
+    assert client.get_model_version_by_alias("cliptime-fungal", "champion").version == champion.version
+    assert client.get_model_version("cliptime-fungal", worse.version).tags["sweep.champion_before"] == str(before)
+    better = client.create_model_version("cliptime-fungal", champion.source, champion.run_id)
+    assert promote_champion(client, "cliptime-fungal", better.version, "val/accuracy", 1.01, "max")[0]
+    assert client.get_model_version_by_alias("cliptime-fungal", "champion").version == better.version
