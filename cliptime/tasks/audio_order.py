@@ -276,7 +276,7 @@ class AudioOrderTask(Task):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = ["tclassify_a2t", "tclassify_t2a", "zeroshot_accuracy", "a2t_R@1", "t2a_R@1"]
+        names = ["tclassify_a2t", "tclassify_t2a", "zeroshot_accuracy", "a2t_R1", "t2a_R1"]
         runs = {f"T-CLAP (lambda={self.cfg.temporal_weight:g})": outputs["metrics"]}
         if baseline is not None:
             runs["CLAP baseline (lambda=0)"] = baseline["metrics"]
@@ -352,5 +352,5 @@ def retrieval(audio, text, keys, ks=(1, 5, 10)) -> dict[str, float]:
         best_relevant = torch.where(relevant, s, torch.tensor(-np.inf)).max(1).values
         rank = (s > best_relevant[:, None]).sum(1)  # items scored above the best correct one
         for k in ks:
-            out[f"{name}_R@{k}"] = float((rank < k).float().mean())
+            out[f"{name}_R{k}"] = float((rank < k).float().mean())
     return out
