@@ -81,6 +81,25 @@ class EpochLogger(UserCallback):
         MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
 
 
+def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict[str, Any]]) -> None:
+    """Log the epochs of a checkpoint's history that the run lacks.
+
+    The epoch logger writes each epoch as it is reported, but a run killed between persisting a checkpoint and
+    the controller's callback loses that epoch's line, and the resumed run starts after it. The checkpoint's own
+    history closes the gap, so the run ends with every epoch exactly once."""
+    logged = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+    now = int(time.time() * 1000)
+    missing = [
+        Metric(k, float(v), now, int(m["epoch"]))
+        for m in history
+        if int(m["epoch"]) not in logged
+        for k, v in m.items()
+        if k != "epoch"
+    ]
+    if missing:
+        client.log_batch(run_id, metrics=missing)
+
+
 def log_figures(run_id: str, figures: dict[str, Any], client: MlflowClient) -> None:
     import matplotlib.pyplot as plt
 

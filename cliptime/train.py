@@ -36,6 +36,7 @@ from cliptime.tasks.base import Task
 
 RUN_FILE = "cliptime_run.json"  # beside Ray's own files in STORAGE/NAME: what --resume needs
 EVAL_BATCH = 256
+HISTORY_FILE = "history.json"  # in every checkpoint: the metrics of all epochs so far
 
 
 # -- data ---------------------------------------------------------------------------------------------------
@@ -87,11 +88,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ],
         milestones=[warmup],
     )
-    start_epoch = 0
+    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+            history = json.loads((Path(d) / HISTORY_FILE).read_text())
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -142,6 +144,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "epoch": epoch,
                 }
                 torch.save(state, Path(tmp) / "state.pt")
+                history.append(metrics)
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 saved = ray.train.Checkpoint.from_directory(tmp)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "lr"))
                 shown += f" | {time.time() - started - waited:.0f} s compute+eval, {waited:.0f} s waiting for data"
@@ -280,6 +284,8 @@ def _fit_and_test(
     run_id: str,
 ):
     result = fit(task, tc, datasets, steps_per_epoch, name, storage_path, [tracking.EpochLogger(uri, run_id)])
+    with result.checkpoint.as_directory() as d:
+        tracking.log_missing_epochs(MlflowClient(uri), run_id, json.loads((Path(d) / HISTORY_FILE).read_text()))
     metrics, outputs = test(task, tc, result.checkpoint, datasets["test"])
     return result, metrics, outputs
 
