@@ -294,7 +294,8 @@ def sweep(
         fs.create_dir(f"{root}/{name}", recursive=True)
         with fs.open_output_stream(f"{root}/{name}/{SWEEP_FILE}") as f:
             f.write(json.dumps({"task": spec.task, "spec": asdict(spec), "mlflow_run_id": parent}).encode())
-    train.init_ray(spec.max_concurrent * tc.num_workers * tc.cpus_per_worker)
+    # Each running trial holds its workers' CPUs plus a sliver for itself; Ray Data needs one more to run on.
+    train.init_ray(spec.max_concurrent * (tc.num_workers * tc.cpus_per_worker + 1))
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
@@ -305,7 +306,8 @@ def sweep(
             parent=parent,
             experiment=experiment,
         ),
-        {"cpu": 0},  # the trial only drives its TorchTrainer, whose workers reserve the CPUs
+        # The trial only drives its TorchTrainer, whose workers reserve the CPUs; Tune needs a non-empty bundle.
+        {"cpu": 0.01},
     )
     if resume:
         tuner = tune.Tuner.restore(f"{storage_path}/{name}", trainable, resume_errored=True)

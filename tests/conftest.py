@@ -17,7 +17,9 @@ def ray_session():
     """A local Ray with more logical CPUs than any test's workers take, so Ray Data always has some."""
     import ray
 
+    # address="local": never join a `ray start` cluster left on this machine (the e2e tests start one).
     ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=False,
         ignore_reinit_error=True,

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -103,11 +104,11 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
             f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1",
             "--num-cpus=3",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",  # short: socket paths have a length limit
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
+        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"},  # `ray start` enables auth itself
         start_new_session=True,
     )
     try:

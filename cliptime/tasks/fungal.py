@@ -57,7 +57,7 @@ from cliptime.tasks.base import Batch, NumpyBatch, Task
 @dataclass
 class FungalConfig:
     data: str = option("", "Parquet shard directory from jobs/make_shards.py (default: generate the data)")
-    sequences: int = option(60, "generated colonies (time-lapse sequences), split 70/15/15 by sequence")
+    sequences: int = option(40, "generated colonies (time-lapse sequences), split 70/15/15 by sequence")
     frames: int = option(100, "frames per generated sequence (frame i has t = i / (frames - 1))")
     image_size: int = option(64, "generated image size in pixels")
     hours: tuple[float, float] = option((0.0, 72.0), "time range in hours that a sequence covers")
@@ -144,7 +144,7 @@ class FungalTask(Task):
     )
     label_column = "stage"
     monitor = "val/accuracy"
-    train_defaults = {"epochs": 14, "batch_size": 64, "lr": 2e-3}
+    train_defaults = {"epochs": 10, "batch_size": 64, "lr": 2e-3}
 
     # -- data ----------------------------------------------------------------------------------------------
     def check(self) -> None:
