@@ -95,11 +95,10 @@ def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, track
 
     # A later model that does worse does not take the alias; one that does better does.
     champion = client.get_model_version_by_alias("cliptime-fungal", "champion")
+    crowned = float(champion.tags["sweep.val/accuracy"])
     worse = client.create_model_version("cliptime-fungal", champion.source, champion.run_id)
-    moved, before = promote_champion(
-        client, "cliptime-fungal", worse.version, "val/accuracy", result["best_value"] - 0.1, "max"
-    )
-    assert not moved and before == pytest.approx(result["best_value"])
+    moved, before = promote_champion(client, "cliptime-fungal", worse.version, "val/accuracy", crowned - 0.1, "max")
+    assert not moved and before == pytest.approx(crowned)
     assert client.get_model_version_by_alias("cliptime-fungal", "champion").version == champion.version
     assert client.get_model_version("cliptime-fungal", worse.version).tags["sweep.champion_before"] == str(before)
     better = client.create_model_version("cliptime-fungal", champion.source, champion.run_id)
