@@ -38,6 +38,20 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def kill_once_checkpointed(cmd: list[str], env: dict, cwd, storage, pattern: str, timeout: float = 400) -> None:
+    """Start `cmd` in its own process group and SIGKILL the whole group (the driver, its local Ray and the
+    training workers, at once) as soon as a checkpoint directory matching `pattern` exists under `storage`."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(storage.glob(pattern)):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, tmp_path):
     storage = tmp_path / "ray_results"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
@@ -52,16 +66,7 @@ def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, t
         "--experiment",
         "e2e-resume",
     ]
-    # Slow the epochs down so that the kill lands mid-run: each epoch then takes several seconds.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, start_new_session=True
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(storage.glob("*/checkpoint_*")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the training worker, at once
-    proc.wait()
+    kill_once_checkpointed(cmd, env, tmp_path, storage, "*/checkpoint_2*")
     done_before = len(list(storage.glob("*/checkpoint_*")))
     assert 1 <= done_before < 4
 
@@ -184,15 +189,7 @@ def test_interrupted_sweep_resumes_and_finishes_the_remaining_trials(mlflow_stor
         "--experiment",
         "e2e-sweep-resume",
     ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, start_new_session=True
-    )
-    deadline = time.time() + 400
-    while time.time() < deadline and not list(storage.glob("sweep-*-*/checkpoint_*")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_once_checkpointed(cmd, env, tmp_path, storage, "sweep-*-*/checkpoint_2*")
 
     resumed = run_job(
         "tune.py",
