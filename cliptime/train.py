@@ -192,23 +192,23 @@ def _storage(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str, str]:
     return fs, root, storage_path
 
 
-def _find_resumable(fs, root: str, task: str, name: str) -> tuple[str, dict]:
+def find_saved(fs, root: str, name: str, *, task: str, kind: str, prefix: str, marker: str) -> tuple[str, dict]:
+    """(name, saved JSON) of the run or sweep `name` under `root`; `name` 'latest' picks the newest directory
+    starting with `prefix` that holds the `marker` file. `kind` ("run" or "sweep") words the errors."""
     if name == "latest":
-        runs = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-        candidates = []
-        for info in runs:
-            run_file = fs.get_file_info(f"{info.path}/{RUN_FILE}")
-            if info.type == pyarrow.fs.FileType.Directory and run_file.type == pyarrow.fs.FileType.File:
-                candidates.append((run_file.mtime, info.base_name))
-        matching = [n for _, n in sorted(candidates) if n.startswith(f"{task}-")]
-        if not matching:
-            raise CliptimeError(f"--resume: no {task} run to resume under {root}")
-        name = matching[-1]
+        found = []
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+            saved = fs.get_file_info(f"{info.path}/{marker}")
+            if saved.type == pyarrow.fs.FileType.File and info.base_name.startswith(prefix):
+                found.append((saved.mtime, info.base_name))
+        if not found:
+            raise CliptimeError(f"--resume: no {task} {kind} to resume under {root}")
+        name = sorted(found)[-1][1]
     try:
-        with fs.open_input_stream(f"{root}/{name}/{RUN_FILE}") as f:
+        with fs.open_input_stream(f"{root}/{name}/{marker}") as f:
             return name, json.loads(f.read())
     except FileNotFoundError:
-        raise CliptimeError(f"--resume {name}: no such run under {root}") from None
+        raise CliptimeError(f"--resume {name}: no such {kind} under {root}") from None
 
 
 def init_ray(reserved_cpus: int = 0) -> None:
@@ -308,7 +308,9 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
     fs, root, storage_path = _storage(tc.storage_path)
     saved: dict = {}
     if tc.resume:
-        name, saved = _find_resumable(fs, root, task.name, tc.resume)
+        name, saved = find_saved(
+            fs, root, tc.resume, task=task.name, kind="run", prefix=f"{task.name}-", marker=RUN_FILE
+        )
         task = make_task(saved["task"], saved["task_config"])
         tc = from_dict(TrainConfig, {**saved["train_config"], "resume": tc.resume})
         print(f"resuming {name} (MLflow run {saved['mlflow_run_id']}) with its saved configuration", flush=True)

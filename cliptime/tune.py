@@ -272,7 +272,9 @@ def sweep(
     fs, root, storage_path = train._storage(storage_path)
     client = MlflowClient(uri)
     if resume:
-        name, saved = _find_sweep(fs, root, spec.task, resume)
+        name, saved = train.find_saved(
+            fs, root, resume, task=spec.task, kind="sweep", prefix=f"sweep-{spec.task}-", marker=SWEEP_FILE
+        )
         parent = saved["mlflow_run_id"]
     else:
         name = name or f"sweep-{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -380,22 +382,3 @@ def sweep(
         "champion_value_before": before,
         "champion_version": str(champion),
     }
-
-
-def _find_sweep(fs, root: str, task: str, name: str) -> tuple[str, dict]:
-    import pyarrow.fs
-
-    if name == "latest":
-        found = []
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
-            marker = fs.get_file_info(f"{info.path}/{SWEEP_FILE}")
-            if marker.type == pyarrow.fs.FileType.File and info.base_name.startswith(f"sweep-{task}-"):
-                found.append((marker.mtime, info.base_name))
-        if not found:
-            raise CliptimeError(f"--resume: no {task} sweep to resume under {root}")
-        name = sorted(found)[-1][1]
-    try:
-        with fs.open_input_stream(f"{root}/{name}/{SWEEP_FILE}") as f:
-            return name, json.loads(f.read())
-    except FileNotFoundError:
-        raise CliptimeError(f"--resume {name}: no such sweep under {root}") from None
