@@ -13,17 +13,12 @@ Results go to benchmarks/results/jobs-<date>.json and .md with the command, the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, machine, run_job, today, write_results
+
 JOBS = {"cliptime": "train_cliptime.py", "tclap": "train_tclap.py"}
 
 
@@ -48,33 +43,14 @@ def targets(task: str, seconds: float, m: dict) -> dict[str, bool]:
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU used"
-
-
 def run(task: str, extra: list[str], workdir: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "jobs" / JOBS[task]), "--storage-path", str(workdir / "ray_results"), *extra]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
-    started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
-    seconds = time.time() - started
-    if proc.returncode != 0:
-        sys.exit(f"{task} job failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    checks = targets(task, seconds, result["metrics"])
+    seconds, metrics = run_job(JOBS[task], extra, workdir)
+    checks = targets(task, seconds, metrics)
     return {
         "task": task,
         "command": " ".join(["python", f"jobs/{JOBS[task]}", *extra]),
         "seconds": round(seconds),
-        "metrics": result["metrics"],
+        "metrics": metrics,
         "targets": checks,
     }
 
@@ -100,24 +76,19 @@ def markdown(rows: list[dict], when: str, where: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=[*JOBS, "all"], default="all")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("extra", nargs="*", help="flags passed to the job (after --)")
     args = parser.parse_args()
     tasks = list(JOBS) if args.task == "all" else [args.task]
-    when = datetime.date.today().isoformat()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    when = today()
     stem = f"jobs-{'-'.join(tasks)}-{when}"
     payload = {"date": when, "machine": machine(), "results": []}
     rows = payload["results"]
     for task in tasks:  # results are written after each job, so a later failure loses none
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(run(task, args.extra, Path(tmp)))
-        (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(markdown(rows, when, payload["machine"]))
-    print(
-        json.dumps({"written": str(out / f"{stem}.json"), "targets_met": all(all(r["targets"].values()) for r in rows)})
-    )
+        written = write_results(args.out, stem, payload, markdown(rows, when, payload["machine"]))
+    print(json.dumps({"written": str(written), "targets_met": all(all(r["targets"].values()) for r in rows)}))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import ray
 
 from cliptime.config import TrainConfig, add_dataclass_args, from_namespace
+from cliptime.convert import convert_config
 from cliptime.errors import CliptimeError
 from cliptime.tasks import TASKS
 
@@ -61,11 +62,16 @@ def train_main(task_name: str, description: str, argv: list[str] | None = None) 
 
 
 GENERATORS = {"fungal": "cliptime", "sounds": "tclap"}  # make_shards subcommand -> task
+CONVERTERS = {  # make_shards subcommand -> (task, metavar, what it converts)
+    "timelapse": ("cliptime", "PHOTOS_DIR", "a folder of time-lapse photos, one sub-folder per series"),
+    "esc50": ("tclap", "ESC_DIR", "an ESC-50-layout sound collection (audio/*.wav, meta/esc50.csv)"),
+}
 
 
 def make_shards_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Write a task's generated data set as Parquet shards (train/val/test + manifest.json).",
+        description="Write a data set as Parquet shards (train/val/test + manifest.json): a task's generated "
+        "set, or the user's own time-lapse photos or ESC-50-layout sounds.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for command, task_name in GENERATORS.items():
@@ -74,12 +80,27 @@ def make_shards_main(argv: list[str] | None = None) -> int:
         sub.add_argument("out_dir", help="output directory (written atomically)")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         add_dataclass_args(sub, task_cls.Config, f"{task_name} data")
+    for command, (task_name, metavar, what) in CONVERTERS.items():
+        sub = commands.add_parser(command, help=f"{what} -> {task_name} shards")
+        sub.add_argument("input_dir", metavar=metavar, help=what)
+        sub.add_argument("out_dir", help="output directory (written atomically)")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        sub.add_argument(
+            "--skip-bad", action="store_true", help="skip unreadable files and bad rows, and report them, not stop"
+        )
+        add_dataclass_args(sub, convert_config(command), f"{command} conversion")
     args = parser.parse_args(argv)
 
     def job():
+        from cliptime.convert import write_user_shards
         from cliptime.data.shards import write_shards
         from cliptime.train import init_ray
 
+        if args.command in CONVERTERS:
+            cfg = from_namespace(convert_config(args.command), args)
+            return write_user_shards(
+                args.command, args.input_dir, args.out_dir, cfg, skip_bad=args.skip_bad, overwrite=args.overwrite
+            )
         task_cls = TASKS[GENERATORS[args.command]]
         task = task_cls(from_namespace(task_cls.Config, args))
         task.check()

@@ -29,7 +29,7 @@ class TrainConfig:
     """What every task's training run shares: schedule, scale, checkpoints, tracking."""
 
     epochs: int = option(8, "training epochs")
-    batch_size: int = option(64, "global batch size (split evenly across workers)")
+    batch_size: int = option(64, "global batch of one optimizer step (split across workers and --grad-accum)")
     lr: float = option(1e-3, "peak learning rate (AdamW, cosine decay after a linear warm-up)")
     weight_decay: float = option(0.05, "AdamW weight decay")
     warmup_fraction: float = option(0.05, "fraction of all steps spent in linear warm-up")
@@ -37,8 +37,17 @@ class TrainConfig:
     seed: int = option(0, "seed for model init, data order and augmentation")
     num_workers: int = option(1, "Ray Train workers (one process each; DDP when more than one)")
     use_gpu: bool = option(False, "one GPU per worker")
-    amp: bool = option(True, "bf16 autocast when training on GPUs (ignored on CPU)")
+    amp: bool = option(True, "autocast (--amp-dtype) when training on GPUs (ignored on CPU)")
+    amp_dtype: str = option("bfloat16", "autocast dtype: bfloat16, or float16 (with gradient scaling)")
+    grad_accum: int = option(1, "micro-batches per optimizer step (--batch-size stays the global batch per step)")
+    compile: bool = option(False, "torch.compile the model (slower first steps, faster after)")
     cpus_per_worker: int = option(2, "CPUs reserved per worker (its torch threads); the rest feed Ray Data")
+    placement_strategy: str = option(
+        "PACK", "where workers go: PACK (fewest nodes), SPREAD, or STRICT_SPREAD (each on its own node)"
+    )
+    max_failures: int = option(
+        2, "when a worker or its node dies, restart from the last checkpoint up to this many times (-1: always)"
+    )
     storage_path: str = option("~/ray_results", "where checkpoints and Ray results go (local dir, NFS or s3://)")
     name: str = option("", "run name under --storage-path (default: <task>-<timestamp>)")
     resume: str = option("", "resume the named run (or 'latest') from its last checkpoint", nargs="?", const="latest")

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
+def redacted(uri: str) -> str:
+    """`uri` without the user:password part a server URI may carry: fit for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def check_reachable(uri: str) -> None:
     """Fail in one line, before any training, when a remote tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -43,7 +52,7 @@ def check_reachable(uri: str) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as e:
-        raise CliptimeError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__})") from None
+        raise CliptimeError(f"MLflow tracking server {redacted(uri)} is unreachable ({type(e).__name__})") from None
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -24,7 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 from mlflow.tracking import MlflowClient
-from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cliptime import tracking
@@ -37,6 +38,8 @@ from cliptime.tasks.base import Task
 RUN_FILE = "cliptime_run.json"  # beside Ray's own files in STORAGE/NAME: what --resume needs
 EVAL_BATCH = 256
 HISTORY_FILE = "history.json"  # in every checkpoint: the metrics of all epochs so far
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
+SHUFFLE_BATCHES = 8  # local shuffle buffer of each worker, in batches
 
 
 # -- data ---------------------------------------------------------------------------------------------------
@@ -49,14 +52,25 @@ def load_data(task: Task) -> dict[str, ray.data.Dataset]:
     return {split: ds.materialize() for split, ds in task.generate().items()}
 
 
-def preprocess(task: Task, raw: dict[str, ray.data.Dataset], batch_size: int) -> dict[str, ray.data.Dataset]:
+def preprocess(
+    task: Task, raw: dict[str, ray.data.Dataset], batch_size: int, seed: int = 0
+) -> dict[str, ray.data.Dataset]:
     """Model-ready datasets. Decoding (deterministic, the heavy libraries) runs once per split and is kept in
-    the object store; the train split is then augmented anew each epoch, streamed into the workers."""
+    the object store; the train split is then shuffled and augmented anew each epoch, streamed into the workers.
+
+    Shuffling: blocks (a generated sequence, a shard's row group) in a new seeded order each epoch, then rows
+    through the workers' local shuffle buffer (`SHUFFLE_BATCHES` batches): a batch mixes many sequences and
+    pairs without the cost of a global shuffle."""
     out = {}
     for split, ds in raw.items():
         decoded = ds.map_batches(task.preprocessor(), batch_format="numpy", batch_size=batch_size).materialize()
-        augment = task.augmenter() if split == "train" else None
-        out[split] = decoded if augment is None else decoded.map_batches(augment, batch_format="numpy")
+        if split != "train":
+            out[split] = decoded
+            continue
+        out[split] = decoded.randomize_block_order(seed=seed)
+        augment = task.augmenter()
+        if augment is not None:
+            out[split] = out[split].map_batches(augment, batch_format="numpy")
     return out
 
 
@@ -72,9 +86,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(tc.cpus_per_worker)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
-    model = task.build_model()
-    model = ray.train.torch.prepare_model(model)
-    module = model.module if hasattr(model, "module") else model
+    module = task.build_model()
+    model = ray.train.torch.prepare_model(module)  # moved to the device; DDP-wrapped with several workers
+    if tc.compile:
+        model = torch.compile(model)  # shares its parameters with `module`, which checkpoints save
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = config["steps_per_epoch"]
@@ -100,41 +115,60 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = state["epoch"] + 1
 
     amp = tc.use_gpu and tc.amp
+    amp_dtype = getattr(torch, tc.amp_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)  # fp16 needs scaling
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
-    per_worker_batch = tc.batch_size // world
+    # --batch-size is the global batch of one optimizer step: world x grad_accum micro-batches
+    per_worker_batch = tc.batch_size // (world * tc.grad_accum)
     for epoch in range(start_epoch, tc.epochs):
         started = time.time()
         model.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
         steps = 0
         waited, fetch_started = 0.0, time.time()
-        for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True):
+        batches = train_shard.iter_torch_batches(
+            batch_size=per_worker_batch,
+            device=device,
+            drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BATCHES * per_worker_batch,
+            local_shuffle_seed=tc.seed + 1000 * epoch + rank,
+        )
+        for i, batch in enumerate(batches):
             waited += time.time() - fetch_started
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, parts = task.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            steps += 1
+            stepping = (i + 1) % tc.grad_accum == 0
+            # DDP all-reduces gradients only on the micro-batch that ends an optimizer step
+            sync = contextlib.nullcontext() if stepping or world == 1 else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                    loss, parts = task.loss(model, batch)
+                scaler.scale(loss / tc.grad_accum).backward()
             for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / tc.grad_accum
+            if stepping:
+                if tc.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                steps += 1
             fetch_started = time.time()
         # time the step waited for its batch: what the data pipeline costs the model
+        train_seconds = time.time() - started
         metrics = {
             "epoch": epoch,
             "lr": scheduler.get_last_lr()[0],
-            "data_wait_fraction": waited / (time.time() - started),
+            "data_wait_fraction": waited / train_seconds,
+            "samples_per_second": steps * tc.batch_size / train_seconds,  # global: every worker runs as many steps
         }
         metrics.update({f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()})
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:
                 batches = val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                     val_metrics, _ = task.evaluate(module, batches)
                 metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
                 state = {
@@ -233,7 +267,8 @@ def prepare_data(task: Task, tc: TrainConfig) -> tuple[dict[str, ray.data.Datase
     steps_per_epoch = n_train // tc.batch_size
     if steps_per_epoch == 0:
         raise CliptimeError(f"the train split has {n_train} rows, fewer than --batch-size {tc.batch_size}")
-    return preprocess(task, raw, batch_size=max(1, tc.batch_size // tc.num_workers)), steps_per_epoch
+    micro_batch = max(1, tc.batch_size // (tc.num_workers * tc.grad_accum))
+    return preprocess(task, raw, batch_size=micro_batch, seed=tc.seed), steps_per_epoch
 
 
 def fit(
@@ -249,12 +284,16 @@ def fit(
             "steps_per_epoch": steps_per_epoch,
         },
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker},
+            placement_strategy=tc.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,
         ),
         datasets={"train": datasets["train"], "val": datasets["val"]},
@@ -316,8 +355,19 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
         print(f"resuming {name} (MLflow run {saved['mlflow_run_id']}) with its saved configuration", flush=True)
     else:
         name = tc.name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    if tc.batch_size % tc.num_workers:
-        raise CliptimeError(f"--batch-size {tc.batch_size} is not divisible by --num-workers {tc.num_workers}")
+    if tc.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise CliptimeError(
+            f"--placement-strategy {tc.placement_strategy!r}: expected one of {', '.join(PLACEMENT_STRATEGIES)}"
+        )
+    if tc.grad_accum < 1:
+        raise CliptimeError(f"--grad-accum {tc.grad_accum}: expected 1 or more micro-batches per step")
+    if tc.batch_size % (tc.num_workers * tc.grad_accum):
+        raise CliptimeError(
+            f"--batch-size {tc.batch_size} is not divisible by --num-workers {tc.num_workers} x --grad-accum "
+            f"{tc.grad_accum} (it is the global batch of one optimizer step)"
+        )
+    if tc.amp_dtype not in ("bfloat16", "float16"):
+        raise CliptimeError(f"--amp-dtype {tc.amp_dtype!r}: expected bfloat16 or float16")
     task.check()
     tracking.check_reachable(uri)
     init_ray(tc.num_workers * tc.cpus_per_worker)

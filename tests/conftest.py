@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,37 @@ def registered_versions(uri: str, name: str) -> list:
         return MlflowClient(uri).search_model_versions(f"name='{name}'")
     except MlflowException:
         return []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """A `ray start --block` node in its own process group, as a user starts one from the activated venv.
+
+    A head (`--head`) enables token authentication itself; a node joining it gets RAY_AUTH_MODE=token. The
+    venv's bin directory goes first on PATH because a job's `python` is looked up there (CI runs
+    `.venv/bin/python -m pytest` without activating)."""
+    node_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    if "--head" not in args:
+        node_env["RAY_AUTH_MODE"] = "token"
+    node_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    node_env.update(env or {})
+    extra = [f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"] if "--head" in args else []  # short path
+    return subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args, *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=node_env,
+        start_new_session=True,
+    )
+
+
+def ray_stop(*nodes: subprocess.Popen) -> None:
+    """Stop nodes from `ray_start` (never `ray stop`: it would also stop the tests' own Ray)."""
+    for node in reversed(nodes):
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)

@@ -3,16 +3,14 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, registered_versions, run_job
+from tests.conftest import ROOT, free_port, ray_start, ray_stop, registered_versions, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -87,34 +85,12 @@ def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, t
     assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime-fungal")}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
     """`ray start --head` turns on token auth; with RAY_AUTH_MODE=token the client reads the saved token."""
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    head = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ray.scripts.scripts",
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dashboard}",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=3",
-            f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",  # short: socket paths have a length limit
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"},  # `ray start` enables auth itself
-        start_new_session=True,
+    head = ray_start(
+        "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=3"
     )
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -149,8 +125,7 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
         assert result["model_name"] == "cliptime-fungal" and result["model_version"] == "1"
         assert registered_versions(store, "cliptime-fungal")
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        ray_stop(head)
 
 
 def test_interrupted_sweep_resumes_and_finishes_the_remaining_trials(mlflow_store, tmp_path):

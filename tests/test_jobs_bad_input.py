@@ -27,6 +27,8 @@ def fresh_store(tmp_path):
         (["--hours", "72", "0"], "--hours 72 0"),
         (["--templates", "poetic"], "poetic"),
         (["--data", "/no/such/shards"], "/no/such/shards"),
+        (["--placement-strategy", "EVERYWHERE"], "--placement-strategy 'EVERYWHERE'"),
+        (["--batch-size", "64", "--grad-accum", "3"], "--grad-accum 3"),
     ],
 )
 def test_cliptime_rejects_bad_settings(args, named, fresh_store, tmp_path):

@@ -47,6 +47,7 @@ def test_negative_is_exactly_the_reversed_order():
                 t for t in ORDER_TEMPLATES["rich"] if t.format(first=first, second=second) == cols["caption"][k]
             )
             assert cols["negative"][k] == template.format(first=second, second=first)
+        assert cols["negative"][i] == cols["caption"][j] and cols["negative"][j] == cols["caption"][i]
     singles = [i for i, p in enumerate(cols["pair"]) if p < 0]
     assert len(singles) == 4 and all(cols["negative"][i] == "" and cols["second"][i] == "" for i in singles)
 

@@ -36,7 +36,9 @@ def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path
     assert run.data.params["task.temporal_weight"] == "0.5"
     assert {a.path for a in client.list_artifacts(result.run_id, "plots")} == {"plots/tclassify_vs_baseline.png"}
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
-    assert len(children) == 1 and children[0].data.params["task.temporal_weight"] == "0.0"
+    assert len(children) == 1
+    assert children[0].data.params["task.temporal_weight"] == "0.0"  # plain CLAP: its loss and its pooling
+    assert children[0].data.params["task.order_pooling"] == "False"
     assert [m.step for m in client.get_metric_history(children[0].info.run_id, "train/loss")] == [0]
 
     mlflow.set_tracking_uri(tracking)

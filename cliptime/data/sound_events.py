@@ -197,6 +197,49 @@ def from_pcm16(data: bytes) -> np.ndarray:
 
 
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}  # disjoint seed streams: held-out instances are new draws
+COLUMNS = ("audio", "sample_rate", "caption", "negative", "first", "second", "pair")  # the T-CLAP shard schema
+
+
+class ClipWriter:
+    """Collects clips as columns of the T-CLAP shard schema (see cliptime.tasks.audio_order)."""
+
+    def __init__(self, sample_rate: int, clip_samples: int, template_set: str, labels: dict[str, str]):
+        self.sr, self.n, self.labels = sample_rate, clip_samples, labels
+        self.templates = order_templates(template_set)
+        self.columns: dict[str, list] = {k: [] for k in COLUMNS}
+
+    def _add(self, audio, caption, negative, first, second, pair) -> None:
+        for k, v in zip(COLUMNS, (to_pcm16(audio), self.sr, caption, negative, first, second, pair)):
+            self.columns[k].append(v)
+
+    def add_pair(self, a: str, b: str, ea: np.ndarray, eb: np.ndarray, pair: int, gap_seconds, rng: Rng) -> None:
+        """Instances `ea` of class `a` and `eb` of class `b`, in both orders; each row's negative caption is
+        the other row's positive, i.e. exactly the reversed order."""
+        lead = int(rng.uniform(0.0, 0.1) * self.sr)
+        gap = int(rng.uniform(*gap_seconds) * self.sr)
+        template = self.templates[int(rng.integers(len(self.templates)))]
+        for first, second, events in ((a, b, [ea, eb]), (b, a, [eb, ea])):
+            self._add(
+                place(events, self.n, lead, gap, rng),
+                template.format(first=self.labels[first], second=self.labels[second]),
+                template.format(first=self.labels[second], second=self.labels[first]),
+                first,
+                second,
+                pair,
+            )
+
+    def add_single(self, event: str, x: np.ndarray, rng: Rng) -> None:
+        lead = int(rng.integers(0, self.n - len(x) + 1))
+        caption = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))].format(event=self.labels[event])
+        self._add(place([x], self.n, lead, 0, rng), caption, "", event, "", -1)
+
+
+def event_room(clip_seconds: float, gap_seconds: tuple[float, float]) -> float:
+    """Seconds that two events share in a clip after the longest lead-in, gap and tail."""
+    room = clip_seconds - 0.1 - gap_seconds[1] - 0.05
+    if room < 0.2:
+        raise CliptimeError(f"a {clip_seconds:g}-s clip is too short for two events and a {gap_seconds[1]:g}-s gap")
+    return room
 
 
 def generate_block(
@@ -212,40 +255,16 @@ def generate_block(
     template_set: str,
 ) -> dict[str, list]:
     """`pairs` mixed clips in both orders and `singles` single-event clips, as columns of the T-CLAP schema."""
-    templates = order_templates(template_set)
     classes = list(EVENT_CLASSES)
     labels = {k: v[0] for k, v in EVENT_CLASSES.items()}
+    out = ClipWriter(sample_rate, int(clip_seconds * sample_rate), template_set, labels)
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], block])
-    sr, n = sample_rate, int(clip_seconds * sample_rate)
-    cols: dict[str, list] = {k: [] for k in ("audio", "sample_rate", "caption", "negative", "first", "second", "pair")}
-
-    def add(audio, caption, negative, first, second, pair):
-        for k, v in zip(cols, (to_pcm16(audio), sr, caption, negative, first, second, pair)):
-            cols[k].append(v)
-
+    room = event_room(clip_seconds, gap_seconds)
     for p in range(pairs):
         a, b = (classes[i] for i in rng.choice(len(classes), 2, replace=False))
-        lead = int(rng.uniform(0.0, 0.1) * sr)
-        gap = int(rng.uniform(*gap_seconds) * sr)
-        room = n - lead - gap - int(0.05 * sr)
-        if room < 0.2 * sr:
-            raise CliptimeError(f"--clip-seconds {clip_seconds:g} is too short for two events and the gap")
-        ea, eb = (synthesize(e, rng, rng.uniform(0.35, 0.5) * room / sr, sr) for e in (a, b))
-        pair = block * pairs + p
-        for first, second, events in ((a, b, [ea, eb]), (b, a, [eb, ea])):
-            template = templates[int(rng.integers(len(templates)))]
-            add(
-                place(events, n, lead, gap, rng),
-                template.format(first=labels[first], second=labels[second]),
-                template.format(first=labels[second], second=labels[first]),
-                first,
-                second,
-                pair,
-            )
+        ea, eb = (synthesize(e, rng, rng.uniform(0.35, 0.5) * room, sample_rate) for e in (a, b))
+        out.add_pair(a, b, ea, eb, block * pairs + p, gap_seconds, rng)
     for _ in range(singles):
         event = classes[int(rng.integers(len(classes)))]
-        x = synthesize(event, rng, rng.uniform(0.3, 0.6) * clip_seconds, sr)
-        lead = int(rng.integers(0, n - len(x) + 1))
-        caption = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))].format(event=labels[event])
-        add(place([x], n, lead, 0, rng), caption, "", event, "", -1)
-    return cols
+        out.add_single(event, synthesize(event, rng, rng.uniform(0.3, 0.6) * clip_seconds, sample_rate), rng)
+    return out.columns

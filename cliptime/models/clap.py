@@ -125,10 +125,12 @@ class CLAPEncoder(nn.Module):
         # early", to the pooled embedding: the reversed clip gets a different embedding from the first step.
         # Pretrained CLAP checkpoints already carry some order information and can leave it off.
         self.order_projection = nn.Linear(cfg["embed_dim"], cfg["embed_dim"]) if order_pooling else None
-        # The MLP "transform" heads and the text logit scale serve laion's optional MLP loss, unused here;
-        # frozen so that DDP does not wait for their gradients.
+        # The MLP "transform" heads and the text logit scale serve laion's optional MLP loss, and PANN's AudioSet
+        # classifier its pretraining, all unused here; frozen so that DDP does not wait for their gradients.
         for name in ("audio_transform", "text_transform", "logit_scale_t"):
             getattr(self.clap, name).requires_grad_(False)
+        if hasattr(self.clap.audio_branch, "fc_audioset"):
+            self.clap.audio_branch.fc_audioset.requires_grad_(False)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         if self.text_model != "transformer":

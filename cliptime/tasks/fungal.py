@@ -57,7 +57,7 @@ from cliptime.tasks.base import Batch, NumpyBatch, Task
 @dataclass
 class FungalConfig:
     data: str = option("", "Parquet shard directory from jobs/make_shards.py (default: generate the data)")
-    sequences: int = option(40, "generated colonies (time-lapse sequences), split 70/15/15 by sequence")
+    sequences: int = option(60, "generated colonies (time-lapse sequences), split 70/15/15 by sequence")
     frames: int = option(100, "frames per generated sequence (frame i has t = i / (frames - 1))")
     image_size: int = option(64, "generated image size in pixels")
     hours: tuple[float, float] = option((0.0, 72.0), "time range in hours that a sequence covers")
@@ -95,6 +95,11 @@ class CLIPTimeModel(nn.Module):
         self.time_head = time_head(cfg.head, fused, cfg.head_depth, cfg.head_heads, cfg.ffn_dim)
         if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
+        # CLIP's contrastive temperature (and SigLIP's bias) serve open_clip's own loss, unused here: frozen, or
+        # DDP waits for their gradients and never all-reduces the bucket they share with other weights.
+        for name in ("logit_scale", "logit_bias"):
+            if isinstance(getattr(self.backbone, name, None), nn.Parameter):
+                getattr(self.backbone, name).requires_grad_(False)
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = image.permute(0, 3, 1, 2).float().div_(255.0)
@@ -144,7 +149,7 @@ class FungalTask(Task):
     )
     label_column = "stage"
     monitor = "val/accuracy"
-    train_defaults = {"epochs": 10, "batch_size": 64, "lr": 2e-3}
+    train_defaults = {"epochs": 14, "batch_size": 64, "lr": 2e-3}
 
     # -- data ----------------------------------------------------------------------------------------------
     def check(self) -> None:

@@ -1,0 +1,249 @@
+"""Time-lapse photo folders -> CLIPTime shards (the schema documented in cliptime.tasks.fungal).
+
+Layout::
+
+    PHOTOS_DIR/
+      manifest.csv             # optional: path,stage,hours or path,stage,timestamp (+ optional caption)
+      SERIES_A/                # one sub-folder per series: one culture, one camera
+        0001.jpg ...
+      SERIES_B/
+        hyphae/0001.jpg ...    # or stages from sub-folder names (spore/, hyphae/, mycelium/)
+
+Every photo in a series sub-folder is used; `manifest.csv` (paths relative to PHOTOS_DIR) labels the photos it
+names. A photo's time: `hours` from the manifest; else its time stamp (the manifest's `timestamp`, else the
+photo's EXIF DateTimeOriginal) minus that of the first photo of its series. Its stage: the manifest's, else
+the name of a folder on its path. Its caption: the manifest's, else one of the stage's templates. Photos are
+center-cropped and resized to the model's input size. Splits (70/15/15, at least one series each) are by series,
+never by photo. The normalized time t is hours over the longest series' span (`source.hours` of the manifest).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray.data
+
+from cliptime.config import option
+from cliptime.data.fungal_growth import STAGES, caption_templates
+from cliptime.data.user_files import BadInput, by_split, read_checked, settle
+from cliptime.errors import CliptimeError
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+MANIFEST = "manifest.csv"
+EXIF_IFD, DATETIME_ORIGINAL = 0x8769, 36867
+EXIF_TIME_FORMAT = "%Y:%m:%d %H:%M:%S"
+
+
+@dataclass
+class TimelapseConfig:
+    model: str = option("cliptime-tiny-rn", "open_clip model the shards are for: photos get its input size")
+    image_size: int = option(0, "resize photos to this many pixels instead (0: the model's input size)")
+    templates: str = option("generic", "caption template set for photos that have no caption")
+    seed: int = option(0, "seed of the split by series and of the caption choice")
+
+
+def parse_time(text: str) -> float:
+    """Seconds since the epoch of an ISO 8601 or EXIF ("2024:05:01 13:45:00") time stamp; naive means UTC."""
+    text = text.strip()
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        when = datetime.datetime.strptime(text, EXIF_TIME_FORMAT)  # raises ValueError naming the text
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+class PhotoReader:
+    """Read pass (see cliptime.data.user_files): a photo -> PNG at the model's size and its raw EXIF time."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import io
+
+        from PIL import Image, ImageOps
+
+        out: dict[str, list] = {"error": [], "image": [], "exif_time": []}
+        for path in batch["input"]:
+            image, taken, error = b"", "", ""
+            try:
+                with Image.open(path) as photo:
+                    taken = str(photo.getexif().get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL, "")).strip("\x00 ")
+                    rgb = ImageOps.exif_transpose(photo).convert("RGB")  # decodes it all: truncation fails here
+                buf = io.BytesIO()
+                ImageOps.fit(rgb, (self.size, self.size), Image.BICUBIC).save(buf, format="PNG", compress_level=1)
+                image = buf.getvalue()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                error = f"unreadable or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            for k, v in zip(out, (error, image, taken)):
+                out[k].append(v)
+        return batch.assign(**out)
+
+
+def non_negative(x: float) -> float:
+    if not x >= 0:  # NaN too
+        raise ValueError(x)
+    return x
+
+
+def _stage_from_folders(rel: Path) -> str:
+    return next((part for part in rel.parts[:-1] if part in STAGES), "")
+
+
+def list_photos(root: Path) -> tuple[pd.DataFrame, list[BadInput]]:
+    """One row per photo: input (path), series, and the labels the manifest and folder names give it."""
+    if not root.is_dir():
+        raise CliptimeError(f"photo folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    if not files:
+        raise CliptimeError(f"photo folder {root} is empty: no {'/'.join(sorted(PHOTO_SUFFIXES))} files found")
+    rows = {p.relative_to(root): {"stage": "", "hours": math.nan, "timestamp": math.nan, "caption": ""} for p in files}
+    problems: list[BadInput] = []
+    manifest = root / MANIFEST
+    if manifest.exists():
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        if "path" not in table.columns:
+            raise CliptimeError(f"{manifest} has no 'path' column (expected path,stage,hours or path,stage,timestamp)")
+        for i, row in enumerate(table.to_dict("records")):
+            where = f"{manifest} line {i + 2}"
+            rel = Path(row["path"])
+            if not (root / rel).is_file():
+                problems.append(BadInput(where, f"{row['path']} does not exist"))
+                continue
+            labels = rows.setdefault(rel, {"stage": "", "hours": math.nan, "timestamp": math.nan, "caption": ""})
+            labels["caption"] = row.get("caption", "")
+            stage = row.get("stage", "").strip()
+            if stage in STAGES:
+                labels["stage"] = stage
+            elif stage:
+                problems.append(BadInput(where, f"unknown stage {stage!r} (expected {', '.join(STAGES)})"))
+            hours = row.get("hours", "").strip()
+            try:
+                if hours:
+                    labels["hours"] = non_negative(float(hours))
+            except ValueError:
+                problems.append(BadInput(where, f"hours {hours!r} is not a non-negative number"))
+            try:
+                if row.get("timestamp", "").strip():
+                    labels["timestamp"] = parse_time(row["timestamp"])
+            except ValueError:
+                problems.append(BadInput(where, f"cannot parse timestamp {row['timestamp']!r}"))
+    table = []
+    for rel, labels in rows.items():
+        if len(rel.parts) < 2:
+            problems.append(BadInput(str(root / rel), "photo is not in a series sub-folder"))
+            continue
+        stage = labels["stage"] or _stage_from_folders(rel)
+        table.append({"input": str(root / rel), "series": rel.parts[0], **labels, "stage": stage})
+    return pd.DataFrame(table), problems
+
+
+def series_splits(series: list[str], seed: int) -> dict[str, str]:
+    """70/15/15 by series, in a seeded random order, with at least one series in each split."""
+    if len(series) < 3:
+        raise CliptimeError(f"{len(series)} series found: splits are by series, so at least 3 are needed")
+    order = [series[i] for i in np.random.default_rng(seed).permutation(len(series))]
+    n_val = n_test = max(1, round(0.15 * len(series)))
+    n_train = len(order) - n_val - n_test
+    return {s: ("train" if i < n_train else "val" if i < n_train + n_val else "test") for i, s in enumerate(order)}
+
+
+def label_photos(photos: pd.DataFrame, cfg: TimelapseConfig) -> tuple[pd.DataFrame, list[BadInput]]:
+    """Hours from the manifest or time stamps; stage, caption, frame, split and normalized time per photo."""
+    problems: list[BadInput] = []
+    photos = photos.copy()
+    exif = []
+    for r in photos.itertuples():
+        try:
+            exif.append(parse_time(r.exif_time) if r.exif_time else math.nan)
+        except ValueError:
+            exif.append(math.nan)  # an unreadable camera clock counts as none
+    photos["when"] = photos["timestamp"].fillna(pd.Series(exif, index=photos.index))
+    since_start = photos["when"] - photos.groupby("series")["when"].transform("min")
+    photos["hours"] = photos["hours"].fillna(since_start / 3600)
+    keep = []
+    for r in photos.itertuples():
+        if not r.stage:
+            problems.append(BadInput(r.input, f"no stage: name it in {MANIFEST} or use a {'/'.join(STAGES)} folder"))
+        elif math.isnan(r.hours):
+            reason = f"no time: no hours or timestamp in {MANIFEST}, no EXIF DateTimeOriginal"
+            problems.append(BadInput(r.input, reason))
+        else:
+            keep.append(r.Index)
+    photos = photos.loc[keep]
+    if photos.empty:
+        return photos, problems
+    templates = caption_templates(cfg.templates)
+
+    def caption(r) -> str:
+        choices = templates[r.stage]
+        return r.caption or choices[zlib.crc32(f"{cfg.seed}:{r.input}".encode()) % len(choices)]
+
+    photos["caption"] = [caption(r) for r in photos.itertuples()]
+    photos["frame"] = photos.groupby("series")["hours"].rank(method="first").astype(np.int32) - 1
+    return photos, problems
+
+
+class AttachLabels:
+    """Second pass: checked photos + their labels -> rows of the CLIPTime shard schema and their split."""
+
+    def __init__(self, labels: pd.DataFrame, max_hours: float, splits: dict[str, str]):
+        self.labels, self.max_hours, self.splits = labels.set_index("input"), max_hours, splits
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch[batch["input"].isin(self.labels.index)]
+        lab = self.labels.loc[batch["input"]]
+        return pd.DataFrame(
+            {
+                "image": batch["image"].to_numpy(),
+                "stage": lab["stage"].to_numpy(),
+                "hours": lab["hours"].to_numpy(np.float64),
+                "t": (lab["hours"] / self.max_hours).to_numpy(np.float32),
+                "caption": lab["caption"].to_numpy(),
+                "sequence": lab["series"].to_numpy(),
+                "frame": lab["frame"].to_numpy(np.int32),
+                "split": lab["series"].map(self.splits).to_numpy(),
+            }
+        )
+
+
+def convert(
+    photos_dir: str | Path, cfg: TimelapseConfig, size: int, schema: pa.Schema, scratch: Path, skip_bad: bool
+) -> tuple[dict[str, ray.data.Dataset], dict[str, Any], list[str]]:
+    """(lazy `schema` datasets per split, the manifest's `source`, the skipped inputs) for a time-lapse folder."""
+    root = Path(photos_dir).expanduser().resolve()
+    caption_templates(cfg.templates)
+    photos, problems = list_photos(root)
+    settle(problems, skip_bad)
+    good, unreadable = read_checked(photos[["input"]], PhotoReader(size), scratch)
+    times = good.select_columns(["input", "exif_time"]).to_pandas()
+    labels, unlabeled = label_photos(photos.merge(times, on="input"), cfg)
+    skipped = settle(problems + unreadable + unlabeled, skip_bad)
+    if labels.empty:
+        raise CliptimeError(f"photo folder {root}: no usable photos left after skipping {len(skipped)} bad inputs")
+    max_hours = float(labels["hours"].max())
+    if max_hours <= 0:
+        raise CliptimeError(f"photo folder {root}: every photo is at hour 0, so there is no time to learn")
+    splits = series_splits(sorted(labels["series"].unique()), cfg.seed)
+    rows = good.map_batches(AttachLabels(labels, max_hours, splits), batch_format="pandas")
+    datasets = by_split(rows, schema)
+    source = {
+        "converter": "cliptime.data.timelapse",
+        "photos_dir": str(root),
+        "hours": [0.0, max_hours],
+        "image_size": size,
+        "series": {s: sorted(k for k, v in splits.items() if v == s) for s in ("train", "val", "test")},
+        "templates": cfg.templates,
+        "skipped": len(skipped),
+    }
+    return datasets, source, skipped

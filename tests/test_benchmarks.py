@@ -1,0 +1,62 @@
+"""The benchmark scripts run on a tiny setting and write well-formed results (their targets are checked by
+running them at full size, not here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY_CLIPTIME = ["--sequences", "7", "--frames", "10", "--image-size", "32", "--head-depth", "1", "--ffn-dim", "64"]
+
+
+def bench(script: str, *args: str, out) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = json.loads(proc.stdout.strip().splitlines()[-1])["written"]
+    result = json.loads(open(written).read())
+    assert result["date"] and "cores" in result["machine"]
+    assert open(written.replace(".json", ".md")).read().startswith("# ")
+    return result
+
+
+def test_datagen_writes_throughputs(tmp_path):
+    result = bench("datagen.py", "--sequences", "1", "--blocks", "1", out=tmp_path)
+    assert result["fungal_images_per_second_per_core"] > 0 and result["mixed_clips_per_second_per_core"] > 0
+    for io in (result["parquet_fungal"], result["parquet_clips"]):
+        assert io["rows"] > 0 and io["write_mb_per_s"] > 0 and io["read_rows_per_s"] > 0
+
+
+def test_pipeline_writes_the_three_speeds_and_ratios(tmp_path):
+    result = bench(
+        "pipeline.py", "--task", "cliptime", "--scale", "0.1", "--batch-size", "8", "--steps", "2", out=tmp_path
+    )
+    (row,) = result["results"]
+    speeds = row["samples_per_second"]
+    assert set(speeds) == {"a_step_only", "b_dataloader", "c_ray"} and all(v > 0 for v in speeds.values())
+    assert row["c_over_a"] == pytest.approx(speeds["c_ray"] / speeds["a_step_only"])
+
+
+def test_quality_table_has_a_row_per_configuration(tmp_path):
+    budget = ["--epochs", "1", "--batch-size", "16", "--cpus-per-worker", "1", *TINY_CLIPTIME]
+    result = bench("quality.py", "--task", "cliptime", "--budget", *budget, out=tmp_path)
+    rows = result["results"]
+    assert [r["config"] for r in rows] == [
+        "Time-Transformer head, generic prompts",
+        "MLP head, generic prompts",
+        "Time-Transformer head, detailed prompts",
+    ]
+    for r in rows:
+        assert 0 <= r["metrics"]["accuracy"] <= 1 and "spearman_mycelium" in r["metrics"]
+        assert r["command"].endswith(" ".join(budget))

@@ -1,0 +1,86 @@
+"""The cluster path as far as one machine allows: cluster.yaml passes Ray's own validation, and a two-node
+Ray cluster (two `ray start` processes) runs DDP and the training job with one worker on each node."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, free_port, ray_start, ray_stop, registered_versions
+
+CLUSTER_YAML = ROOT / "cluster.yaml"
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))  # raises on any schema or consistency error
+
+    nodes = config["available_node_types"]
+    assert "GPU" not in nodes[config["head_node_type"]]["resources"]  # workers never land on the head
+    assert any(n.get("resources", {}).get("GPU", 0) >= 1 for n in nodes.values())
+    assert sum(n.get("min_workers", 0) for n in nodes.values()) <= config["max_workers"]
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert command.startswith(". ~/cliptime/.venv/bin/activate")  # jobs' `python` is the project's venv
+        if "ray start" in command:
+            assert "RAY_AUTH_MODE=token" in command
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["head"]["node_confg"] = broken["available_node_types"]["head"].pop("node_config")
+    with pytest.raises(Exception, match="node_confg"):
+        validate_config(prepare_config(broken))
+
+
+@pytest.mark.slow
+def test_two_node_cluster_syncs_ddp_across_nodes_and_runs_the_job(mlflow_store, tmp_path):
+    import subprocess
+
+    port = free_port()
+    head = ray_start("--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false")
+    node = ray_start(f"--address=127.0.0.1:{port}", "--num-cpus=2")
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+    env["MLFLOW_TRACKING_URI"] = mlflow_store
+    try:
+        ddp = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "multinode_ddp.py"), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert ddp.returncode == 0, ddp.stderr[-3000:]
+        ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        assert ranks[0]["node"] != ranks[1]["node"]  # STRICT_SPREAD: one worker per node
+        for name, w0 in ranks[0]["state"].items():
+            assert torch.equal(w0, ranks[1]["state"][name]), name  # gradients averaged across the nodes
+        moved = [n for n, w in ranks[0]["state"].items() if not torch.equal(w, ranks[0]["initial"][n])]
+        assert len(moved) > 10  # the step changed the weights (from different data on each rank)
+
+        job = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "jobs" / "train_cliptime.py"),
+                *("--sequences", "7", "--frames", "10", "--image-size", "32", "--head-depth", "1"),
+                *("--ffn-dim", "64", "--batch-size", "16", "--epochs", "1"),
+                *("--num-workers", "2", "--cpus-per-worker", "1", "--placement-strategy", "STRICT_SPREAD"),
+                *("--storage-path", str(tmp_path / "results"), "--experiment", "test-two-nodes"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=900,
+        )
+        assert job.returncode == 0, job.stderr[-3000:]
+        result = json.loads(job.stdout.strip().splitlines()[-1])
+        assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime-fungal")}
+    finally:
+        ray_stop(head, node)

@@ -1,0 +1,115 @@
+"""The jobs against an `mlflow server` on 127.0.0.1 (SQLite backend, proxied local artifact store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import mlflow
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from cliptime import tracking as cliptime_tracking
+from cliptime import train
+from cliptime.config import TrainConfig
+from cliptime.tasks import make_task
+from tests.conftest import free_port, registered_versions, run_job
+
+TINY = {"sequences": 7, "frames": 10, "image_size": 32, "head_depth": 1, "ffn_dim": 64}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "server"),
+            *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+            *("--artifacts-destination", str(root / "artifacts")),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", "2"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if requests.get(f"{uri}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
+        time.sleep(1)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+def test_unreachable_server_is_named_in_one_line_before_training(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_job("train_cliptime.py", env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1] == f"error: MLflow tracking server {uri} is unreachable (ConnectionError)"
+    )
+    assert "epoch" not in proc.stdout and not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_job_logs_and_registers_through_the_server(ray_session, mlflow_server, monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-s3cret")  # sent to the server, never logged or printed
+    tc = TrainConfig(epochs=1, batch_size=16, cpus_per_worker=1, storage_path=str(tmp_path), experiment="server")
+    result = train.run(make_task("cliptime", TINY), tc)
+    client = MlflowClient(mlflow_server)
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [0]
+    run = client.get_run(result.run_id)
+    logged = json.dumps(
+        [run.data.params, run.data.tags, [dict(v.tags) for v in registered_versions(mlflow_server, "cliptime-fungal")]]
+    )
+    assert "s3cret" not in logged and "s3cret" not in "".join(capfd.readouterr())
+    assert result.model_version in {str(v.version) for v in registered_versions(mlflow_server, "cliptime-fungal")}
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/cliptime-fungal/{result.model_version}")  # artifacts via the server
+    task = make_task("cliptime", TINY)
+    assert set(model.predict(task.input_example()).columns) >= {"stage", "hours"}
+
+
+def test_concurrent_registrations_lose_no_version(mlflow_server, monkeypatch):
+    """Sweep trials finish together: several runs register the same model name at once."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    task = make_task("tclap", {"baseline": False})
+    model = task.build_model()
+    experiment = cliptime_tracking.experiment_id(MlflowClient(mlflow_server), "server-concurrent")
+    before = len(registered_versions(mlflow_server, "tclap"))
+    versions, errors = [], []
+
+    def register(i: int) -> None:
+        try:
+            with mlflow.start_run(experiment_id=experiment, run_name=f"trial-{i}"):
+                versions.append(
+                    cliptime_tracking.log_and_register(task, model, asdict(task.cfg), True, {"trial": str(i)})[1]
+                )
+        except Exception as e:  # reported below: a lost registration fails the test
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert errors == []
+    assert len(set(versions)) == 4
+    registered = registered_versions(mlflow_server, "tclap")
+    assert len(registered) == before + 4
+    assert {v.tags["trial"] for v in registered if "trial" in v.tags} == {"0", "1", "2", "3"}

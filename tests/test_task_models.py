@@ -1,0 +1,35 @@
+"""What the generic training path needs from every task's model."""
+
+import pytest
+import torch
+
+from cliptime.tasks import TASKS, make_task
+
+BATCHES = {
+    "cliptime": lambda g: {
+        "image": torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=g),
+        "tokens": torch.randint(1, 1000, (4, 32), generator=g),
+        "stage": torch.randint(0, 3, (4,), generator=g),
+        "t": torch.rand(4, generator=g),
+    },
+    "tclap": lambda g: {
+        "audio": 0.1 * torch.randn(4, 32000, generator=g),
+        "tokens": torch.randint(1, 1000, (4, 32), generator=g),
+        "neg_tokens": torch.randint(1, 1000, (4, 32), generator=g),
+        "first": torch.tensor([0, 1, 2, 3]),
+        "second": torch.tensor([1, 0, -1, -1]),
+        "key": torch.tensor([2, 14, 40, 53]),
+        "pair": torch.tensor([0, 0, -1, -1]),
+    },
+}
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_every_trainable_parameter_gets_a_gradient(task_name):
+    """DDP all-reduces a bucket only when all its parameters have gradients: one trainable parameter that the
+    loss never uses leaves the workers' weights silently apart (and fails the next step)."""
+    task = make_task(task_name, {})
+    model = task.build_model()
+    loss, _ = task.loss(model, BATCHES[task_name](torch.Generator().manual_seed(0)))
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
