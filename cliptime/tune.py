@@ -296,8 +296,9 @@ def sweep(
         fs.create_dir(f"{root}/{name}", recursive=True)
         with fs.open_output_stream(f"{root}/{name}/{SWEEP_FILE}") as f:
             f.write(json.dumps({"task": spec.task, "spec": asdict(spec), "mlflow_run_id": parent}).encode())
-    # Each running trial holds its workers' CPUs plus a sliver for itself; Ray Data needs one more to run on.
-    train.init_ray(spec.max_concurrent * (tc.num_workers * tc.cpus_per_worker + 1))
+    # Each running trial holds its workers' CPUs plus a sliver for itself, which leaves a fractional CPU: Ray
+    # Data's 1-CPU tasks need two whole ones beside them (with one, a trial was seen waiting on them forever).
+    train.init_ray(spec.max_concurrent * (tc.num_workers * tc.cpus_per_worker + 2))
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
