@@ -11,7 +11,7 @@ from collections.abc import Callable
 import ray
 
 from cliptime.config import TrainConfig, add_dataclass_args, from_namespace
-from cliptime.convert import convert_config
+from cliptime.convert import CONVERTERS, convert_config
 from cliptime.errors import CliptimeError
 from cliptime.tasks import TASKS
 
@@ -62,10 +62,6 @@ def train_main(task_name: str, description: str, argv: list[str] | None = None) 
 
 
 GENERATORS = {"fungal": "cliptime", "sounds": "tclap"}  # make_shards subcommand -> task
-CONVERTERS = {  # make_shards subcommand -> (task, metavar, what it converts)
-    "timelapse": ("cliptime", "PHOTOS_DIR", "a folder of time-lapse photos, one sub-folder per series"),
-    "esc50": ("tclap", "ESC_DIR", "an ESC-50-layout sound collection (audio/*.wav, meta/esc50.csv)"),
-}
 
 
 def make_shards_main(argv: list[str] | None = None) -> int:

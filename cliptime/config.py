@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from cliptime.errors import CliptimeError
 
 T = TypeVar("T")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
 
 def option(default: Any, help: str, **kwargs) -> Any:
@@ -53,6 +54,22 @@ class TrainConfig:
     resume: str = option("", "resume the named run (or 'latest') from its last checkpoint", nargs="?", const="latest")
     experiment: str = option("cliptime", "MLflow experiment name")
     register: bool = option(True, "register the trained model in the MLflow model registry")
+
+    def check(self) -> None:
+        """Reject settings that Ray or the loop would only trip over after start-up, naming the flag."""
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise CliptimeError(
+                f"--placement-strategy {self.placement_strategy!r}: expected one of {', '.join(PLACEMENT_STRATEGIES)}"
+            )
+        if self.grad_accum < 1:
+            raise CliptimeError(f"--grad-accum {self.grad_accum}: expected 1 or more micro-batches per step")
+        if self.batch_size % (self.num_workers * self.grad_accum):
+            raise CliptimeError(
+                f"--batch-size {self.batch_size} is not divisible by --num-workers {self.num_workers} x --grad-accum "
+                f"{self.grad_accum} (it is the global batch of one optimizer step)"
+            )
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise CliptimeError(f"--amp-dtype {self.amp_dtype!r}: expected bfloat16 or float16")
 
 
 def _field_type(cls, f: dataclasses.Field) -> Any:

@@ -10,6 +10,11 @@ from typing import Any
 
 from cliptime.errors import CliptimeError
 
+CONVERTERS = {  # make_shards subcommand -> (task whose shards it writes, metavar, what it converts)
+    "timelapse": ("cliptime", "PHOTOS_DIR", "a folder of time-lapse photos, one sub-folder per series"),
+    "esc50": ("tclap", "ESC_DIR", "an ESC-50-layout sound collection (audio/*.wav, meta/esc50.csv)"),
+}
+
 
 def convert_config(kind: str) -> type:
     """The dataclass config of converter `kind` (timelapse or esc50)."""
@@ -30,7 +35,7 @@ def write_user_shards(
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite:  # before any work (write_shards checks again)
         raise CliptimeError(f"output directory {out} already exists (pass --overwrite to replace it)")
-    task_cls = TASKS["cliptime" if kind == "timelapse" else "tclap"]
+    task_cls = TASKS[CONVERTERS[kind][0]]
     out.parent.mkdir(parents=True, exist_ok=True)
     init_ray()
     # The scratch copy sits beside the output: the same file system, with room for a large collection.

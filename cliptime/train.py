@@ -38,7 +38,6 @@ from cliptime.tasks.base import Task
 RUN_FILE = "cliptime_run.json"  # beside Ray's own files in STORAGE/NAME: what --resume needs
 EVAL_BATCH = 256
 HISTORY_FILE = "history.json"  # in every checkpoint: the metrics of all epochs so far
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 SHUFFLE_BATCHES = 8  # local shuffle buffer of each worker, in batches
 
 
@@ -355,19 +354,7 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
         print(f"resuming {name} (MLflow run {saved['mlflow_run_id']}) with its saved configuration", flush=True)
     else:
         name = tc.name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    if tc.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise CliptimeError(
-            f"--placement-strategy {tc.placement_strategy!r}: expected one of {', '.join(PLACEMENT_STRATEGIES)}"
-        )
-    if tc.grad_accum < 1:
-        raise CliptimeError(f"--grad-accum {tc.grad_accum}: expected 1 or more micro-batches per step")
-    if tc.batch_size % (tc.num_workers * tc.grad_accum):
-        raise CliptimeError(
-            f"--batch-size {tc.batch_size} is not divisible by --num-workers {tc.num_workers} x --grad-accum "
-            f"{tc.grad_accum} (it is the global batch of one optimizer step)"
-        )
-    if tc.amp_dtype not in ("bfloat16", "float16"):
-        raise CliptimeError(f"--amp-dtype {tc.amp_dtype!r}: expected bfloat16 or float16")
+    tc.check()
     task.check()
     tracking.check_reachable(uri)
     init_ray(tc.num_workers * tc.cpus_per_worker)

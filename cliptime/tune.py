@@ -183,6 +183,7 @@ def _trial(config: dict, *, spec: dict, sweep: str, storage_path: str, uri: str,
     """One trial: the task's own training path, reporting each epoch to Tune and to the trial's child run."""
     spec = SweepSpec(**spec)
     task, tc = _trial_settings(spec, config, storage_path, experiment)
+    tc.check()
     task.check()
     mlflow.set_tracking_uri(uri)
     trial = tune.get_context().get_trial_name()
@@ -265,6 +266,7 @@ def sweep(
     """Run (or `resume`, by name or 'latest') a sweep; register its best model; maybe move `champion`."""
     spec = load_spec(spec_path)
     task, tc = _trial_settings(spec, spec.fixed, storage_path, experiment)
+    tc.check()
     task.check()
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)

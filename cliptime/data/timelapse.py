@@ -96,6 +96,11 @@ def non_negative(x: float) -> float:
     return x
 
 
+def _no_labels() -> dict[str, Any]:
+    """A photo's labels before the manifest and its folders say anything (NaN: not known yet)."""
+    return {"stage": "", "hours": math.nan, "timestamp": math.nan, "caption": ""}
+
+
 def _stage_from_folders(rel: Path) -> str:
     return next((part for part in rel.parts[:-1] if part in STAGES), "")
 
@@ -107,7 +112,7 @@ def list_photos(root: Path) -> tuple[pd.DataFrame, list[BadInput]]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
     if not files:
         raise CliptimeError(f"photo folder {root} is empty: no {'/'.join(sorted(PHOTO_SUFFIXES))} files found")
-    rows = {p.relative_to(root): {"stage": "", "hours": math.nan, "timestamp": math.nan, "caption": ""} for p in files}
+    rows = {p.relative_to(root): _no_labels() for p in files}
     problems: list[BadInput] = []
     manifest = root / MANIFEST
     if manifest.exists():
@@ -120,7 +125,7 @@ def list_photos(root: Path) -> tuple[pd.DataFrame, list[BadInput]]:
             if not (root / rel).is_file():
                 problems.append(BadInput(where, f"{row['path']} does not exist"))
                 continue
-            labels = rows.setdefault(rel, {"stage": "", "hours": math.nan, "timestamp": math.nan, "caption": ""})
+            labels = rows.setdefault(rel, _no_labels())
             labels["caption"] = row.get("caption", "")
             stage = row.get("stage", "").strip()
             if stage in STAGES:
@@ -159,7 +164,8 @@ def series_splits(series: list[str], seed: int) -> dict[str, str]:
 
 
 def label_photos(photos: pd.DataFrame, cfg: TimelapseConfig) -> tuple[pd.DataFrame, list[BadInput]]:
-    """Hours from the manifest or time stamps; stage, caption, frame, split and normalized time per photo."""
+    """Hours from the manifest or time stamps, caption and frame per photo; photos lacking a stage or a time are
+    returned as problems (split and normalized time are attached later, by AttachLabels)."""
     problems: list[BadInput] = []
     photos = photos.copy()
     exif = []
