@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -133,6 +134,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=SHUFFLE_BATCHES * per_worker_batch,
             local_shuffle_seed=tc.seed + 1000 * epoch + rank,
         )
+        # micro-batches left over at the end of the last epoch (fewer than grad_accum) must not leak into this one
+        optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(batches):
             waited += time.time() - fetch_started
             stepping = (i + 1) % tc.grad_accum == 0
@@ -255,8 +258,36 @@ def init_ray(reserved_cpus: int = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    # address="local": a new instance, even where a `ray start` cluster on this machine would be auto-joined.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, reserved_cpus + 1), include_dashboard=False)
+    start_local_ray(max(os.cpu_count() or 1, reserved_cpus + 1))
+
+
+def start_local_ray(num_cpus: int, env_vars: dict[str, str] | None = None) -> None:
+    """A new Ray instance on this machine with its dashboard on 127.0.0.1, even where a `ray start` cluster on
+    this machine would be auto-joined (address="local").
+
+    The dashboard is not only for watching: Ray Train's placement-group cleaner (a detached actor) asks the
+    state API, which the dashboard serves, whether a run's controller is still alive, and removes the run's
+    placement group when it is not. Without it, a run whose controller is killed (a Tune trial that ASHA
+    stops) keeps its workers' CPUs reserved until the driver exits, and the next trial's Ray Data tasks wait
+    for CPUs forever. RAY_API_SERVER_ADDRESS tells the cleaner, and every worker, which dashboard is ours.
+    """
+    port = free_port()
+    api_server = f"http://127.0.0.1:{port}"
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server, **(env_vars or {})}},
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def prepare_data(task: Task, tc: TrainConfig) -> tuple[dict[str, ray.data.Dataset], int]:

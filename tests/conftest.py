@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,22 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from cliptime.train import start_local_ray
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with more logical CPUs than any test's workers take, so Ray Data always has some."""
+    """A local Ray with more logical CPUs than any test's workers take, so Ray Data always has some; started
+    the way the jobs start one (never joining a `ray start` cluster that an e2e test left on this machine)."""
     import ray
 
-    # address="local": never join a `ray start` cluster left on this machine (the e2e tests start one).
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        ignore_reinit_error=True,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
+    start_local_ray(4, {"PYTHONPATH": str(ROOT)})
     yield ray
     ray.shutdown()
 
@@ -69,12 +64,6 @@ def registered_versions(uri: str, name: str) -> list:
         return MlflowClient(uri).search_model_versions(f"name='{name}'")
     except MlflowException:
         return []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_start(*args: str, env: dict | None = None) -> subprocess.Popen:

@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, free_port, ray_start, ray_stop, registered_versions
+from cliptime.train import free_port
+from tests.conftest import ROOT, ray_start, ray_stop, registered_versions
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 

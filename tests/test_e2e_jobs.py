@@ -10,7 +10,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, free_port, ray_start, ray_stop, registered_versions, run_job
+from cliptime.train import free_port
+from tests.conftest import ROOT, ray_start, ray_stop, registered_versions, run_job
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ from cliptime import tracking as cliptime_tracking
 from cliptime import train
 from cliptime.config import TrainConfig
 from cliptime.tasks import make_task
-from tests.conftest import free_port, registered_versions, run_job
+from cliptime.train import free_port
+from tests.conftest import registered_versions, run_job
 
 TINY = {"sequences": 7, "frames": 10, "image_size": 32, "head_depth": 1, "ffn_dim": 64}
 

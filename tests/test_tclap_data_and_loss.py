@@ -66,6 +66,32 @@ def test_temporal_loss_falls_when_the_positive_caption_is_closer():
     assert temporal_loss(audio, pos_far, neg, scale, torch.zeros(1)) == 0
 
 
+def test_order_features_follow_the_order_of_events_not_their_place_in_the_clip():
+    from cliptime.models.clap import order_features
+
+    frames_n, hop = 16, 100
+    rng = np.random.default_rng(0)
+    event_a, event_b = rng.normal(0, 1, 2 * hop), rng.normal(0, 1, 3 * hop) * 0.5
+
+    def clip(events, start):
+        """Audio with `events` back to back from frame `start`, and frames that are each its frame's samples'
+        energy in two bands (a stand-in for an encoder whose frames see their own part of the clip)."""
+        audio = np.zeros(frames_n * hop)
+        at = start * hop
+        for e in events:
+            audio[at : at + len(e)] = e
+            at += len(e)
+        chunks = audio.reshape(frames_n, hop)
+        frames = np.stack([(chunks[:, ::2] ** 2).mean(1), (chunks[:, 1::2] ** 2).mean(1)], 1)
+        return torch.tensor(frames, dtype=torch.float32)[None], torch.tensor(audio, dtype=torch.float32)[None]
+
+    early, late = order_features(*clip([event_a], 1)), order_features(*clip([event_a], 11))
+    assert torch.allclose(early, late, atol=1e-5)  # a single event: the same wherever it sits
+    ab, ba = order_features(*clip([event_a, event_b], 2)), order_features(*clip([event_b, event_a], 2))
+    assert not torch.allclose(ab, ba, atol=1e-3)
+    assert torch.allclose(ab, order_features(*clip([event_a, event_b], 9)), atol=1e-5)
+
+
 def test_contrastive_loss_prefers_aligned_pairs_and_treats_equal_keys_as_positives():
     eye = torch.eye(4)
     keys = torch.arange(4)

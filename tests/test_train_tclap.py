@@ -17,7 +17,8 @@ TINY = {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4
 
 
 def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path):
-    tc = TrainConfig(epochs=1, batch_size=8, storage_path=str(tmp_path), experiment="test-tclap")
+    # two micro-batches of 4 per optimizer step: the gradient-accumulation path
+    tc = TrainConfig(epochs=1, batch_size=8, grad_accum=2, storage_path=str(tmp_path), experiment="test-tclap")
     result = train.run(make_task("tclap", TINY), tc)
     assert result.model_name == "tclap"
     assert result.model_version in {str(v.version) for v in registered_versions(tracking, "tclap")}

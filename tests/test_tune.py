@@ -104,3 +104,44 @@ def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, track
     better = client.create_model_version("cliptime-fungal", champion.source, champion.run_id)
     assert promote_champion(client, "cliptime-fungal", better.version, "val/accuracy", 1.01, "max")[0]
     assert client.get_model_version_by_alias("cliptime-fungal", "champion").version == better.version
+
+
+def test_a_killed_trial_gives_its_workers_cpus_back(ray_session, tmp_path):
+    """ASHA stops a trial by killing its actor, and with it the Train controller it owns. Ray Train's detached
+    placement-group cleaner must then free the workers' CPUs (it asks the dashboard's state API, which our
+    local Ray serves); otherwise they stay reserved and the next trial's Ray Data tasks wait forever."""
+    import time
+
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    training = tmp_path / "training"
+
+    def train_loop_per_worker():
+        training.touch()
+        time.sleep(300)
+
+    @ray.remote(num_cpus=0)
+    class Trial:
+        def fit(self):
+            TorchTrainer(train_loop_per_worker, scaling_config=ScalingConfig(num_workers=1)).fit()
+
+    def free_cpus() -> float:
+        return ray.available_resources().get("CPU", 0.0)
+
+    def wait_for(condition, seconds: float) -> bool:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if condition():
+                return True
+            time.sleep(0.5)
+        return False
+
+    before = free_cpus()
+    trial = Trial.remote()
+    trial.fit.remote()
+    assert wait_for(training.exists, 60), "the trial's worker never started training"
+    assert free_cpus() <= before - 1
+    ray.kill(trial)
+    assert wait_for(lambda: free_cpus() >= before, 60), f"{before - free_cpus()} CPU(s) still reserved"

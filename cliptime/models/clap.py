@@ -87,6 +87,24 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         )
 
 
+def order_features(frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    """Frame embeddings (batch, time, dim) weighted by a ramp around the sound's own temporal centre.
+
+    The ramp runs from negative before the loudness-weighted centre of the clip to positive after it, scaled by
+    the sound's spread in time, and each frame counts by its loudness. A clip of A then B thus gives about
+    "B minus A" wherever the pair sits in the clip, and a single event gives its own early-to-late change
+    (rising vs. falling) wherever it sits. A ramp over the whole clip instead (-1 at its start, +1 at its end)
+    moves a single event's embedding with its position, which costs zero-shot classification and retrieval.
+    """
+    loudness = F.adaptive_avg_pool1d(audio.abs().float().unsqueeze(1), frames.shape[1]).squeeze(1)
+    weight = loudness / loudness.sum(1, keepdim=True).clamp(min=1e-8)
+    t = torch.linspace(-1.0, 1.0, frames.shape[1], device=frames.device)
+    centre = (weight * t).sum(1, keepdim=True)
+    spread = (weight * (t - centre) ** 2).sum(1, keepdim=True).sqrt().clamp(min=1e-3)
+    ramp = weight * (t - centre) / spread
+    return (frames * ramp.to(frames.dtype).unsqueeze(-1)).sum(1)
+
+
 class CLAPEncoder(nn.Module):
     """A CLAP model as two embedders: waveform -> unit vector, token ids -> unit vector, plus a logit scale.
 
@@ -121,9 +139,9 @@ class CLAPEncoder(nn.Module):
         # CLAP pools its audio encoder over time (PANN: max + mean; HTSAT: averaged tokens), which discards the
         # order of events. Trained from scratch, audio and text then sit at a symmetric saddle: neither side can
         # tell "A then B" from "B then A", so neither gets a gradient to start. Order pooling adds a learned
-        # projection of the frame embeddings weighted by a ramp from -1 (start) to +1 (end), i.e. "late minus
-        # early", to the pooled embedding: the reversed clip gets a different embedding from the first step.
-        # Pretrained CLAP checkpoints already carry some order information and can leave it off.
+        # projection of "late minus early" frame embeddings (`order_features`) to the pooled embedding, so the
+        # reversed clip gets a different embedding from the first step. Pretrained CLAP checkpoints already carry
+        # some order information and can leave it off.
         self.order_projection = nn.Linear(cfg["embed_dim"], cfg["embed_dim"]) if order_pooling else None
         # The MLP "transform" heads and the text logit scale serve laion's optional MLP loss, and PANN's AudioSet
         # classifier its pretraining, all unused here; frozen so that DDP does not wait for their gradients.
@@ -142,9 +160,7 @@ class CLAPEncoder(nn.Module):
         encoded = self.clap.encode_audio(x, device=audio.device)
         features = encoded["embedding"]
         if self.order_projection is not None:
-            frames = encoded["fine_grained_embedding"]  # (batch, time, embed_dim)
-            ramp = torch.linspace(-1.0, 1.0, frames.shape[1], device=frames.device, dtype=frames.dtype)
-            features = features + self.order_projection((frames * ramp[None, :, None]).mean(1))
+            features = features + self.order_projection(order_features(encoded["fine_grained_embedding"], audio))
         return F.normalize(self.clap.audio_projection(features), dim=-1)
 
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ class AudioOrderConfig:
     train_pairs: int = option(500, "generated event pairs for training (each gives an A-B and a B-A clip)")
     train_singles: int = option(300, "generated single-event training clips")
     eval_pairs: int = option(100, "generated event pairs in each of the val and test splits")
-    eval_singles: int = option(60, "generated single-event clips in each of the val and test splits")
+    eval_singles: int = option(120, "generated single-event clips in each of the val and test splits")
     gap: tuple[float, float] = option((0.0, 0.0), "range of the silent gap between the two events, seconds")
     templates: str = option("basic", "order-caption template set: basic or rich")
     data_seed: int = option(0, "seed of the generated data set")
