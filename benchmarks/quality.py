@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                          # both tasks, the jobs' default data and budget
     python benchmarks/quality.py --task cliptime --budget --sequences 30 --epochs 8
+    python benchmarks/quality.py --task cliptime --only "MLP head"     # one row again
 
 - CLIPTime: Time-Transformer vs. MLP time head (the paper's first ablation), `generic` vs. `detailed` prompts;
   accuracy, macro-F1, time MAE in hours overall and per stage, Spearman rho per stage.
@@ -61,9 +62,11 @@ def row(task: str, config: str, command: str, seconds: float | None, metrics: di
     return {"task": task, "config": config, "command": command, "seconds": seconds, "metrics": values}
 
 
-def rows_of(task: str, budget: list[str]) -> list[dict]:
+def rows_of(task: str, budget: list[str], only: list[str]) -> list[dict]:
     rows = []
     for label, (script, flags) in CONFIGS[task].items():
+        if only and not any(text in label for text in only):
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             seconds, metrics = run_job(script, [*flags, *budget], Path(tmp))
         command = " ".join(["python", f"jobs/{script}", *flags, *budget])
@@ -90,15 +93,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=[*CONFIGS, "all"], default="all")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="TEXT", help="only the rows whose label contains TEXT"
+    )
     parser.add_argument("--budget", nargs=argparse.REMAINDER, default=[], help="job flags for every row (last)")
     args = parser.parse_args()
     tasks = list(CONFIGS) if args.task == "all" else [args.task]
     when = today()
     payload = {"date": when, "machine": machine(), "budget": args.budget, "results": []}
     for task in tasks:  # written after each task, so a later failure loses none
-        payload["results"] += rows_of(task, args.budget)
+        payload["results"] += rows_of(task, args.budget, args.only)
         report = markdown(payload["results"], when, payload["machine"], args.budget)
-        written = write_results(args.out, f"quality-{'-'.join(tasks)}-{when}", payload, report)
+        partial = "-partial" if args.only else ""  # a rerun of some rows leaves the full table in place
+        written = write_results(args.out, f"quality-{'-'.join(tasks)}-{when}{partial}", payload, report)
     print(json.dumps({"written": str(written)}))
 
 

@@ -116,9 +116,11 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
             "--storage-path",
             str(tmp_path / "results"),
         ]
-        for _ in range(60):  # the dashboard takes a few seconds to come up
+        # The dashboard, then its job agent, take a few seconds to come up (longer on a loaded machine).
+        not_up = ("Connection refused", "No available agent to submit job")
+        for _ in range(60):
             proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600)
-            if "Connection refused" not in proc.stderr + proc.stdout:
+            if not any(message in proc.stderr + proc.stdout for message in not_up):
                 break
             time.sleep(2)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -136,7 +138,7 @@ def test_interrupted_sweep_resumes_and_finishes_the_remaining_trials(mlflow_stor
         "task": "cliptime",
         "metric": "val/accuracy",
         "mode": "max",
-        "num_samples": 3,
+        "num_samples": 2,
         "max_concurrent": 1,
         "seed": 1,
         "scheduler": {"type": "fifo"},
@@ -180,10 +182,10 @@ def test_interrupted_sweep_resumes_and_finishes_the_remaining_trials(mlflow_stor
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     result = last_json(resumed.stdout)
-    assert result["trials"] == 3 and result["finished_trials"] == 3
+    assert result["trials"] == 2 and result["finished_trials"] == 2
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("e2e-sweep-resume")
     parents = client.search_runs([experiment.experiment_id], f"tags.`cliptime.sweep` = '{result['sweep']}'")
     assert [p.info.run_id for p in parents] == [result["run_id"]]  # the parent run was reused
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
-    assert len(children) == 3
+    assert len(children) == 2
