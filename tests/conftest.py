@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,13 +29,30 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def mlflow_store(tmp_path_factory) -> str:
-    """A SQLite tracking URI whose migrations already ran (a fresh store costs ~7 s)."""
+def migrated_store_file(tmp_path_factory) -> Path:
+    """An empty SQLite tracking store whose migrations already ran (a fresh store costs ~7 s): copied, never used."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
-    return uri
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(migrated_store_file, tmp_path_factory) -> str:
+    """One tracking URI shared by the tests that only look at their own runs and model versions."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    shutil.copy(migrated_store_file, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def empty_store(migrated_store_file, tmp_path) -> str:
+    """A tracking URI of this test's own, for checks that depend on everything registered there (the champion
+    alias of a first sweep, "nothing registered" after bad input): other tests register the same model names."""
+    path = tmp_path / "mlflow.db"
+    shutil.copy(migrated_store_file, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture

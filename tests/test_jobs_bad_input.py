@@ -14,11 +14,6 @@ def assert_clean_failure(proc, named: str, uri: str, model: str):
     assert registered_versions(uri, model) == []
 
 
-@pytest.fixture
-def fresh_store(tmp_path):
-    return f"sqlite:///{tmp_path / 'bad.db'}"
-
-
 @pytest.mark.parametrize(
     "args,named",
     [
@@ -31,16 +26,16 @@ def fresh_store(tmp_path):
         (["--batch-size", "64", "--grad-accum", "3"], "--grad-accum 3"),
     ],
 )
-def test_cliptime_rejects_bad_settings(args, named, fresh_store, tmp_path):
+def test_cliptime_rejects_bad_settings(args, named, empty_store, tmp_path):
     proc = run_job(
         "train_cliptime.py",
         *args,
         "--storage-path",
         str(tmp_path / "rr"),
-        env={"MLFLOW_TRACKING_URI": fresh_store},
+        env={"MLFLOW_TRACKING_URI": empty_store},
         timeout=300,
     )
-    assert_clean_failure(proc, named, fresh_store, "cliptime-fungal")
+    assert_clean_failure(proc, named, empty_store, "cliptime-fungal")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ def fungal_shards(tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "drop_column"])
-def test_cliptime_rejects_damaged_shards(damage, fungal_shards, fresh_store, tmp_path):
+def test_cliptime_rejects_damaged_shards(damage, fungal_shards, empty_store, tmp_path):
     import shutil
 
     data = shutil.copytree(fungal_shards, tmp_path / "data")
@@ -68,7 +63,7 @@ def test_cliptime_rejects_damaged_shards(damage, fungal_shards, fresh_store, tmp
         str(data),
         "--storage-path",
         str(tmp_path / "rr"),
-        env={"MLFLOW_TRACKING_URI": fresh_store},
+        env={"MLFLOW_TRACKING_URI": empty_store},
         timeout=300,
     )
-    assert_clean_failure(proc, str(victim), fresh_store, "cliptime-fungal")
+    assert_clean_failure(proc, str(victim), empty_store, "cliptime-fungal")

@@ -79,11 +79,12 @@ def test_bad_yaml_is_named(tmp_path):
         load_spec(path)
 
 
-def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, tracking, tmp_path):
+def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, empty_store, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
     result = sweep(str(write_spec(tmp_path)), str(tmp_path / "rr"), "test-sweeps")
     assert result["trials"] == 2 and result["finished_trials"] == 2
     assert result["champion_version"] == result["model_version"]  # first sweep: no champion to beat
-    client = MlflowClient(tracking)
+    client = MlflowClient(empty_store)
     parent = client.get_run(result["run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
     assert len(children) == 2

@@ -115,5 +115,5 @@ def open_shards(data_dir: str | Path, task: str, schema: pa.Schema) -> tuple[dic
             raise CliptimeError(f"data directory {root} has no Parquet shards for split {split!r}")
         for f in files:
             check_shard(f, schema)
-        datasets[split] = ray.data.read_parquet([str(f) for f in files], columns=schema.names)
+        datasets[split] = ray.data.read_parquet([str(f) for f in files]).select_columns(schema.names)
     return datasets, manifest

@@ -53,7 +53,7 @@ def read_checked(
     records = items.to_dict("records")
     ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // ROWS_PER_READ_TASK)))
     ds.map_batches(reader, batch_format="pandas", batch_size=ROWS_PER_READ_TASK).write_parquet(str(scratch))
-    status = ray.data.read_parquet(str(scratch), columns=["input", "error"]).to_pandas()
+    status = ray.data.read_parquet(str(scratch)).select_columns(["input", "error"]).to_pandas()
     bad = [BadInput(r.input, r.error) for r in status.itertuples() if r.error]
     good = ray.data.read_parquet(str(scratch)).filter(expr=col("error") == "")
     return good, bad
