@@ -8,7 +8,8 @@ For the same model, batch size and number of steps, training samples per second 
   (b) a plain PyTorch DataLoader (one loader process) over the same Parquet shards, decoding and augmenting;
   (c) the project's path: Ray Data -> TorchTrainer (`cliptime.train.fit`), the reported `samples_per_second`
       of its last epoch.
-Each uses the worker's CPU reservation (`--cpus-per-worker`, 2) as torch threads. Target: (c)/(a) >= 0.90.
+Each uses the worker's CPU reservation (`--cpus-per-worker`, 2) as torch threads. The three run back to back in
+`--repeats` rounds; speeds and ratios are medians over rounds. Target: (c)/(a) >= 0.90.
 Results: benchmarks/results/pipeline-<date>.json and .md.
 """
 
@@ -22,26 +23,43 @@ from pathlib import Path
 
 from common import RESULTS, machine, today, write_results
 
+WARMUP = 4  # untimed steps first: the first ones allocate, and a DataLoader starts its process
+
 
 def data_config(task: str, scale: float) -> dict:
-    """Generated sets smaller than the jobs' (the model and batch size are the defaults): enough steps to time."""
+    """The jobs' default generated set, its size times `scale` (1: an epoch as long as a default job's)."""
+    from cliptime.tasks import TASKS
+
+    d = TASKS[task].Config()
     if task == "cliptime":
-        return {"sequences": max(7, round(14 * scale)), "frames": max(10, round(100 * scale))}
-    pairs = max(8, round(200 * scale))
-    return {"train_pairs": pairs, "train_singles": pairs // 2, "eval_pairs": max(4, pairs // 10), "eval_singles": 4}
+        return {"sequences": max(7, round(d.sequences * scale)), "frames": max(10, round(d.frames * scale))}
+    return {
+        "train_pairs": max(8, round(d.train_pairs * scale)),
+        "train_singles": max(4, round(d.train_singles * scale)),
+        "eval_pairs": max(4, round(d.eval_pairs * scale)),
+        "eval_singles": max(4, round(d.eval_singles * scale)),
+    }
 
 
-def step_fn(task, model, optimizer):
+def step_fn(task, tc, model):
+    """The loop's optimizer step (AdamW with its settings, gradient clipping), without the data pipeline."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
     def step(batch) -> None:
         loss, _ = task.loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         optimizer.step()
 
     return step
 
 
-def timed(step, batches, steps: int, warmup: int = 2) -> float:
+def timed(step, batches, steps: int, warmup: int = WARMUP) -> float:
     """Samples per second over `steps` steps after `warmup` untimed ones."""
     it = iter(batches)
     for _ in range(warmup):
@@ -75,7 +93,7 @@ def shard_batches(task, data_dir: Path, batch_size: int):
     return ShardBatches()
 
 
-def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int) -> dict:
+def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int, repeats: int) -> dict:
     import numpy as np
     import torch
 
@@ -86,7 +104,7 @@ def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int) 
 
     task_cls = TASKS[task_name]
     batch_size = batch_size or task_cls.train_defaults["batch_size"]
-    torch.set_num_threads(cpus)
+    train.use_cpus(cpus)  # as the training workers do
     train.init_ray(cpus)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "shards"
@@ -98,41 +116,53 @@ def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int) 
             storage_path=str(Path(tmp) / "ray_results"),
         )
         datasets, steps_per_epoch = train.prepare_data(task, tc)
-        steps = max(1, min(steps, steps_per_epoch - 2))
+        steps = max(1, min(steps, steps_per_epoch - WARMUP))
 
         def fresh_model():
             torch.manual_seed(0)
-            model = task.build_model().train()
-            return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+            return task.build_model().train()
 
-        # (a) ceiling: steps over batches already decoded and in memory
         in_memory = [
             {k: torch.as_tensor(np.asarray(v)) for k, v in b.items()}
             for b in datasets["train"].iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True)
-        ][: steps + 2]
-        model, opt = fresh_model()
-        ceiling = timed(step_fn(task, model, opt), in_memory, steps)
-
-        # (b) plain PyTorch DataLoader over the same shards, one loader process
+        ][: steps + WARMUP]
         loader = torch.utils.data.DataLoader(
             shard_batches(task, data_dir, batch_size), batch_size=None, num_workers=1, prefetch_factor=4
         )
-        model, opt = fresh_model()
-        dataloader = timed(step_fn(task, model, opt), loader, steps)
+        # Rounds of (a), (b), (c) back to back: this machine's speed drifts by ~10% over minutes, so a ratio
+        # only compares runs of one round, and the reported figures are medians over the rounds.
+        rounds = []
+        for r in range(repeats):
+            speeds = {}
+            # (a) the ceiling: steps over batches already decoded and in memory
+            speeds["a_step_only"] = timed(step_fn(task, tc, fresh_model()), in_memory, steps)
+            # (b) a plain PyTorch DataLoader over the same shards, one loader process
+            speeds["b_dataloader"] = timed(step_fn(task, tc, fresh_model()), loader, steps)
+            # (c) the project's Ray Data -> TorchTrainer path, its last (warm) epoch
+            result = train.fit(task, tc, datasets, steps_per_epoch, f"pipeline-{task_name}-{r}", tc.storage_path, [])
+            speeds["c_ray"] = float(result.metrics["samples_per_second"])
+            speeds["c_data_wait_fraction"] = float(result.metrics["data_wait_fraction"])
+            rounds.append(speeds)
 
-        # (c) the project's Ray Data -> TorchTrainer path, its last (warm) epoch
-        result = train.fit(task, tc, datasets, steps_per_epoch, f"pipeline-{task_name}", tc.storage_path, [])
-        ray_path = float(result.metrics["samples_per_second"])
+    def median(values) -> float:
+        return float(np.median(list(values)))
+
     return {
         "task": task_name,
         "model": getattr(task.cfg, "model", None) or task.cfg.audio_model,
         "batch_size": batch_size,
         "timed_steps": steps,
+        "steps_per_epoch": steps_per_epoch,
         "cpus_per_worker": cpus,
-        "samples_per_second": {"a_step_only": ceiling, "b_dataloader": dataloader, "c_ray": ray_path},
-        "b_over_a": dataloader / ceiling,
-        "c_over_a": ray_path / ceiling,
-        "data_wait_fraction_c": float(result.metrics["data_wait_fraction"]),
+        "rounds": rounds,
+        "samples_per_second": {k: median(r[k] for r in rounds) for k in ("a_step_only", "b_dataloader", "c_ray")},
+        "b_over_a": median(r["b_dataloader"] / r["a_step_only"] for r in rounds),
+        "c_over_a": median(r["c_ray"] / r["a_step_only"] for r in rounds),
+        "c_over_a_range": [
+            min(r["c_ray"] / r["a_step_only"] for r in rounds),
+            max(r["c_ray"] / r["a_step_only"] for r in rounds),
+        ],
+        "data_wait_fraction_c": median(r["c_data_wait_fraction"] for r in rounds),
     }
 
 
@@ -144,14 +174,15 @@ def markdown(rows: list[dict], command: str, when: str, where: str) -> str:
         f"Machine: {where}",
         "",
         "| task | model | batch | (a) step only, samples/s | (b) DataLoader | (c) Ray Data -> TorchTrainer "
-        "| (b)/(a) | (c)/(a) | (c) data wait |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| (b)/(a) | (c)/(a) | (c)/(a) range | (c) data wait |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["samples_per_second"]
         out.append(
             f"| {r['task']} | {r['model']} | {r['batch_size']} | {s['a_step_only']:.1f} | {s['b_dataloader']:.1f} "
-            f"| {s['c_ray']:.1f} | {r['b_over_a']:.2f} | {r['c_over_a']:.2f} | {r['data_wait_fraction_c']:.3f} |"
+            f"| {s['c_ray']:.1f} | {r['b_over_a']:.2f} | {r['c_over_a']:.2f} "
+            f"| {r['c_over_a_range'][0]:.2f}-{r['c_over_a_range'][1]:.2f} | {r['data_wait_fraction_c']:.3f} |"
         )
     return "\n".join(out) + "\n"
 
@@ -160,8 +191,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["cliptime", "tclap", "all"], default="all")
     parser.add_argument("--steps", type=int, default=15, help="timed steps for (a) and (b)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (a), (b), (c); medians are reported")
     parser.add_argument("--cpus-per-worker", type=int, default=2)
-    parser.add_argument("--scale", type=float, default=1.0, help="size of the generated sets (tests use a tiny one)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="size of the generated sets, times the jobs' defaults (tests use a tiny one)",
+    )
     parser.add_argument("--batch-size", type=int, default=0, help="global batch (0: the task's default)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -171,7 +208,9 @@ def main() -> None:
     when = today()
     payload = {"date": when, "machine": machine(), "command": command, "results": []}
     for task in tasks:
-        payload["results"].append(bench(task, args.steps, args.cpus_per_worker, args.scale, args.batch_size))
+        payload["results"].append(
+            bench(task, args.steps, args.cpus_per_worker, args.scale, args.batch_size, args.repeats)
+        )
         report = markdown(payload["results"], command, when, payload["machine"])
         written = write_results(args.out, f"pipeline-{'-'.join(tasks)}-{when}", payload, report)
     print(json.dumps({"written": str(written), "results": payload["results"]}))

@@ -75,6 +75,15 @@ def preprocess(
 
 
 # -- the training loop, on every worker ---------------------------------------------------------------------
+def use_cpus(n: int) -> None:
+    """Train on `n` CPU threads: exactly the CPUs a worker reserved (more would steal Ray Data's, fewer would idle
+    them), with denormal floats flushed to zero. As weights train, activations and gradients hold more denormals,
+    which x86 cores handle far slower: measured, the tiny CLIPTime step went from 0.29 to 0.37 s by step 75
+    without the flush and stayed at 0.28 s with it."""
+    torch.set_num_threads(n)
+    torch.set_flush_denormal(True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = make_task(config["task"], config["task_config"])
     tc = from_dict(TrainConfig, config["train_config"])
@@ -82,8 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        # Use exactly the CPUs this worker reserved: more would steal Ray Data's, fewer would idle them.
-        torch.set_num_threads(tc.cpus_per_worker)
+        use_cpus(tc.cpus_per_worker)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
     module = task.build_model()

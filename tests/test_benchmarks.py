@@ -40,7 +40,18 @@ def test_datagen_writes_throughputs(tmp_path):
 
 def test_pipeline_writes_the_three_speeds_and_ratios(tmp_path):
     result = bench(
-        "pipeline.py", "--task", "cliptime", "--scale", "0.1", "--batch-size", "8", "--steps", "2", out=tmp_path
+        "pipeline.py",
+        "--task",
+        "cliptime",
+        "--scale",
+        "0.1",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        out=tmp_path,
     )
     (row,) = result["results"]
     speeds = row["samples_per_second"]
