@@ -42,11 +42,12 @@ def data_config(task: str, scale: float) -> dict:
 
 
 def step_fn(task, tc, model):
-    """The loop's optimizer step (AdamW with its settings, gradient clipping), without the data pipeline."""
+    """The loop's optimizer step (its optimizer, gradient clipping), without the data pipeline."""
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    from cliptime.train import make_optimizer
+
+    params, optimizer = make_optimizer(model, tc)
 
     def step(batch) -> None:
         loss, _ = task.loss(model, batch)
@@ -147,6 +148,8 @@ def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int, 
     def median(values) -> float:
         return float(np.median(list(values)))
 
+    c_over_a = [r["c_ray"] / r["a_step_only"] for r in rounds]
+
     return {
         "task": task_name,
         "model": getattr(task.cfg, "model", None) or task.cfg.audio_model,
@@ -157,11 +160,8 @@ def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int, 
         "rounds": rounds,
         "samples_per_second": {k: median(r[k] for r in rounds) for k in ("a_step_only", "b_dataloader", "c_ray")},
         "b_over_a": median(r["b_dataloader"] / r["a_step_only"] for r in rounds),
-        "c_over_a": median(r["c_ray"] / r["a_step_only"] for r in rounds),
-        "c_over_a_range": [
-            min(r["c_ray"] / r["a_step_only"] for r in rounds),
-            max(r["c_ray"] / r["a_step_only"] for r in rounds),
-        ],
+        "c_over_a": median(c_over_a),
+        "c_over_a_range": [min(c_over_a), max(c_over_a)],
         "data_wait_fraction_c": median(r["c_data_wait_fraction"] for r in rounds),
     }
 

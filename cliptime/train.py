@@ -84,6 +84,12 @@ def use_cpus(n: int) -> None:
     torch.set_flush_denormal(True)
 
 
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> tuple[list, torch.optim.Optimizer]:
+    """(the trained parameters, their AdamW optimizer with `tc`'s settings)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = make_task(config["task"], config["task_config"])
     tc = from_dict(TrainConfig, config["train_config"])
@@ -98,8 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(module)  # moved to the device; DDP-wrapped with several workers
     if tc.compile:
         model = torch.compile(model)  # shares its parameters with `module`, which checkpoints save
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    params, optimizer = make_optimizer(model, tc)
     steps_per_epoch = config["steps_per_epoch"]
     total = max(1, steps_per_epoch * tc.epochs)
     warmup = max(1, int(tc.warmup_fraction * total))
