@@ -38,11 +38,13 @@ def data_config(task: str, scale: float) -> dict:
         "train_singles": max(4, round(d.train_singles * scale)),
         "eval_pairs": max(4, round(d.eval_pairs * scale)),
         "eval_singles": max(4, round(d.eval_singles * scale)),
+        "test_singles": max(4, round(d.test_singles * scale)),
     }
 
 
 def step_fn(task, tc, model):
-    """The loop's optimizer step (its optimizer, gradient clipping), without the data pipeline."""
+    """The loop's optimizer step (its on-device augmentation, optimizer, gradient clipping), without the data
+    pipeline."""
     import torch
 
     from cliptime.train import make_optimizer
@@ -50,7 +52,7 @@ def step_fn(task, tc, model):
     params, optimizer = make_optimizer(model, tc)
 
     def step(batch) -> None:
-        loss, _ = task.loss(model, batch)
+        loss, _ = task.loss(model, task.train_transform(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:

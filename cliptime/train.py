@@ -156,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sync = contextlib.nullcontext() if stepping or world == 1 else model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    loss, parts = task.loss(model, batch)
+                    loss, parts = task.loss(model, task.train_transform(batch))
                 scaler.scale(loss / tc.grad_accum).backward()
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / tc.grad_accum

@@ -52,6 +52,17 @@ def test_negative_is_exactly_the_reversed_order():
     assert len(singles) == 4 and all(cols["negative"][i] == "" and cols["second"][i] == "" for i in singles)
 
 
+def test_train_transform_scales_each_clip_by_its_own_gain_and_keeps_the_rest():
+    task = make_task("tclap", {})
+    audio = torch.ones(256, 100)
+    batch = {"audio": audio, "key": torch.arange(256)}
+    out = task.train_transform(batch)
+    gain_db = 20 * torch.log10(out["audio"][:, 0])
+    assert torch.equal(out["audio"], out["audio"][:, :1].expand(-1, 100))  # one gain per clip
+    assert gain_db.min() >= -6.0 - 1e-4 and gain_db.max() <= 3.0 + 1e-4 and gain_db.std() > 1.0
+    assert out["key"] is batch["key"] and torch.equal(audio, torch.ones(256, 100))  # the input is left as it was
+
+
 def test_temporal_loss_falls_when_the_positive_caption_is_closer():
     audio = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=-1)
     pos_far, pos_near = F.normalize(torch.tensor([[0.2, 1.0, 0.0]]), dim=-1), audio.clone()

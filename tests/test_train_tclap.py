@@ -13,7 +13,7 @@ from cliptime.config import TrainConfig
 from cliptime.tasks import make_task
 from tests.conftest import registered_versions
 
-TINY = {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4}
+TINY = {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4, "test_singles": 4}
 
 
 def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path):

@@ -25,14 +25,3 @@ class FlipRotateCaptionDropout:
         tokens = batch["tokens"].copy()
         tokens[rng.random(len(tokens)) < self.caption_dropout] = self.neutral_tokens
         return {**batch, "image": np.ascontiguousarray(images), "tokens": tokens}
-
-
-class LoudnessJitter:
-    """A random gain per clip: order and content, not level, are what the captions describe."""
-
-    def __init__(self, low_db: float = -6.0, high_db: float = 3.0):
-        self.low_db, self.high_db = low_db, high_db
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        gain = 10 ** (np.random.default_rng().uniform(self.low_db, self.high_db, (len(batch["audio"]), 1)) / 20)
-        return {**batch, "audio": (batch["audio"] * gain).astype(np.float32)}
