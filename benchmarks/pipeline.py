@@ -31,15 +31,13 @@ def data_config(task: str, scale: float) -> dict:
     from cliptime.tasks import TASKS
 
     d = TASKS[task].Config()
-    if task == "cliptime":
-        return {"sequences": max(7, round(d.sequences * scale)), "frames": max(10, round(d.frames * scale))}
-    return {
-        "train_pairs": max(8, round(d.train_pairs * scale)),
-        "train_singles": max(4, round(d.train_singles * scale)),
-        "eval_pairs": max(4, round(d.eval_pairs * scale)),
-        "eval_singles": max(4, round(d.eval_singles * scale)),
-        "test_singles": max(4, round(d.test_singles * scale)),
-    }
+    # each size field and the least it may shrink to
+    smallest = (
+        {"sequences": 7, "frames": 10}
+        if task == "cliptime"
+        else {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4, "test_singles": 4}
+    )
+    return {k: max(least, round(getattr(d, k) * scale)) for k, least in smallest.items()}
 
 
 def step_fn(task, tc, model):

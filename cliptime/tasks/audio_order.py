@@ -220,13 +220,13 @@ class AudioOrderTask(Task):
 
     def generate(self) -> dict[str, ray.data.Dataset]:
         c, a = self.cfg, self.model_audio
+        sizes = {
+            "train": (c.train_pairs, c.train_singles),
+            "val": (c.eval_pairs, c.eval_singles),
+            "test": (c.eval_pairs, c.test_singles),
+        }
         out = {}
-        for split in ("train", "val", "test"):
-            pairs, singles = {
-                "train": (c.train_pairs, c.train_singles),
-                "val": (c.eval_pairs, c.eval_singles),
-                "test": (c.eval_pairs, c.test_singles),
-            }[split]
+        for split, (pairs, singles) in sizes.items():
             blocks = -(-pairs // PAIRS_PER_BLOCK)
             kwargs = dict(
                 seed=c.data_seed,
