@@ -2,6 +2,7 @@
 
     python benchmarks/jobs.py                    # both jobs with their defaults
     python benchmarks/jobs.py --task cliptime    # one job; extra job flags after `--`
+    python benchmarks/jobs.py --task tclap --seeds 0 1    # the job once per training seed (--seed N)
 
 Targets (issue #2 and #3), with no arguments on a 2-core CPU machine:
 - CLIPTime: whole job <= 15 min; test accuracy >= 0.98; Spearman rho >= 0.9 for hyphae and mycelium.
@@ -13,6 +14,7 @@ Results go to benchmarks/results/jobs-<date>.json and .md with the command, the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -77,6 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=[*JOBS, "all"], default="all")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="run each job once per training seed: is a target met run after run?"
+    )
     parser.add_argument("extra", nargs="*", help="flags passed to the job (after --)")
     args = parser.parse_args()
     tasks = list(JOBS) if args.task == "all" else [args.task]
@@ -84,9 +89,10 @@ def main() -> None:
     stem = f"jobs-{'-'.join(tasks)}-{when}"
     payload = {"date": when, "machine": machine(), "results": []}
     rows = payload["results"]
-    for task in tasks:  # results are written after each job, so a later failure loses none
+    runs = [[*args.extra, "--seed", str(seed)] for seed in args.seeds] if args.seeds else [args.extra]
+    for task, extra in itertools.product(tasks, runs):  # written after each job: a later failure loses none
         with tempfile.TemporaryDirectory() as tmp:
-            rows.append(run(task, args.extra, Path(tmp)))
+            rows.append(run(task, extra, Path(tmp)))
         written = write_results(args.out, stem, payload, markdown(rows, when, payload["machine"]))
     print(json.dumps({"written": str(written), "targets_met": all(all(r["targets"].values()) for r in rows)}))
 

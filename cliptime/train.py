@@ -136,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_worker_batch = tc.batch_size // (world * tc.grad_accum)
     for epoch in range(start_epoch, tc.epochs):
         started = time.time()
+        task.start_epoch(epoch, tc.epochs)
         model.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
         steps = 0

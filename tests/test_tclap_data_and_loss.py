@@ -77,6 +77,21 @@ def test_temporal_loss_falls_when_the_positive_caption_is_closer():
     assert temporal_loss(audio, pos_far, neg, scale, torch.zeros(1)) == 0
 
 
+def test_temporal_loss_joins_after_the_contrastive_only_epochs():
+    from tests.test_task_models import BATCHES
+
+    task = make_task("tclap", {"temporal_start": 0.25})
+    model = task.build_model().eval()  # no SpecAugment: the same embeddings in every call
+    batch = BATCHES["tclap"](torch.Generator().manual_seed(0))
+    full, parts = task.loss(model, batch)  # outside the training loop: the whole loss
+    assert torch.isclose(full, parts["contrastive_loss"] + 0.5 * parts["temporal_loss"])
+    for epoch, joined in ((0, False), (1, False), (2, True), (7, True)):  # round(0.25 * 8) = 2 epochs without
+        task.start_epoch(epoch, 8)
+        loss, parts = task.loss(model, batch)
+        assert torch.isclose(loss, full if joined else parts["contrastive_loss"]), epoch
+        assert parts["temporal_loss"] > 0  # still logged while it does not count
+
+
 def test_order_features_follow_the_order_of_events_not_their_place_in_the_clip():
     from cliptime.models.clap import order_features
 
@@ -135,6 +150,7 @@ def test_tclassify_and_retrieval_on_hand_made_embeddings():
         ({"pretrained": "/no/such/630k-audioset-best.pt"}, "/no/such/630k-audioset-best.pt"),
         ({"audio_model": "Cnn99"}, "Cnn99"),
         ({"temporal_weight": -1.0}, "--lambda"),
+        ({"temporal_start": 1.0}, "--temporal-start"),
     ],
 )
 def test_bad_settings_are_named(config, named):

@@ -69,6 +69,10 @@ class Task(ABC):
         return batch
 
     # -- model and loss ------------------------------------------------------------------------------------
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop before each epoch (0-based, of `epochs`): for a loss that changes over
+        the run. Outside the loop (tests, benchmarks) it is never called and the loss is the full one."""
+
     @abstractmethod
     def build_model(self, load_pretrained: bool = True) -> nn.Module:
         """The model; `load_pretrained=False` skips pretrained weights that a checkpoint will replace."""
