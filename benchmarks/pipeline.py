@@ -28,16 +28,11 @@ WARMUP = 4  # untimed steps first: the first ones allocate, and a DataLoader sta
 
 def data_config(task: str, scale: float) -> dict:
     """The jobs' default generated set, its size times `scale` (1: an epoch as long as a default job's)."""
-    from cliptime.tasks import TASKS
+    from cliptime.tasks import task_class
 
-    d = TASKS[task].Config()
-    # each size field and the least it may shrink to
-    smallest = (
-        {"sequences": 7, "frames": 10}
-        if task == "cliptime"
-        else {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4, "test_singles": 4}
-    )
-    return {k: max(least, round(getattr(d, k) * scale)) for k, least in smallest.items()}
+    cls = task_class(task)
+    defaults = cls.Config()
+    return {k: max(least, round(getattr(defaults, k) * scale)) for k, least in cls.data_sizes.items()}
 
 
 def step_fn(task, tc, model):
@@ -99,25 +94,27 @@ def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int, 
     import torch
 
     from cliptime import train
-    from cliptime.config import TrainConfig
     from cliptime.data.shards import write_shards
-    from cliptime.tasks import TASKS, make_task
+    from cliptime.pipeline import prepare, steps_per_epoch, training_datasets
+    from cliptime.runtime import init_ray
+    from cliptime.tasks import make_task, task_class
 
-    task_cls = TASKS[task_name]
-    batch_size = batch_size or task_cls.train_defaults["batch_size"]
+    task_cls = task_class(task_name)
+    batch_size = batch_size or task_cls.train_config().batch_size
     train.use_cpus(cpus)  # as the training workers do
-    train.init_ray(cpus)
+    init_ray(cpus)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "shards"
         task = make_task(task_name, data_config(task_name, scale))
         write_shards(task.generate(), data_dir, task=task.name, label=task.label_column, source=task.source())
-        task = make_task(task_name, {"data": str(data_dir)})
-        tc = TrainConfig(
-            **{**task_cls.train_defaults, "batch_size": batch_size, "epochs": 2, "cpus_per_worker": cpus},
-            storage_path=str(Path(tmp) / "ray_results"),
+        tc = task_cls.train_config(
+            batch_size=batch_size, epochs=2, cpus_per_worker=cpus, storage_path=str(Path(tmp) / "ray_results")
         )
-        datasets, steps_per_epoch = train.prepare_data(task, tc)
-        steps = max(1, min(steps, steps_per_epoch - WARMUP))
+        data = prepare(make_task(task_name, {"data": str(data_dir)}))
+        task = data.task
+        datasets = training_datasets(data, task, tc.seed)
+        epoch_steps = steps_per_epoch(data, tc.batch_size)
+        steps = max(1, min(steps, epoch_steps - WARMUP))
 
         def fresh_model():
             torch.manual_seed(0)
@@ -140,7 +137,7 @@ def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int, 
             # (b) a plain PyTorch DataLoader over the same shards, one loader process
             speeds["b_dataloader"] = timed(step_fn(task, tc, fresh_model()), loader, steps)
             # (c) the project's Ray Data -> TorchTrainer path, its last (warm) epoch
-            result = train.fit(task, tc, datasets, steps_per_epoch, f"pipeline-{task_name}-{r}", tc.storage_path, [])
+            result = train.fit(task, tc, datasets, epoch_steps, f"pipeline-{task_name}-{r}", tc.storage_path, [])
             speeds["c_ray"] = float(result.metrics["samples_per_second"])
             speeds["c_data_wait_fraction"] = float(result.metrics["data_wait_fraction"])
             rounds.append(speeds)
@@ -155,7 +152,7 @@ def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int, 
         "model": getattr(task.cfg, "model", None) or task.cfg.audio_model,
         "batch_size": batch_size,
         "timed_steps": steps,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": epoch_steps,
         "cpus_per_worker": cpus,
         "rounds": rounds,
         "samples_per_second": {k: median(r[k] for r in rounds) for k in ("a_step_only", "b_dataloader", "c_ray")},

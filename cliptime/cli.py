@@ -1,4 +1,7 @@
-"""What every job shares: flags from the dataclass configs, one-line errors, a JSON object as the last line."""
+"""What every job shares: flags from the dataclass configs, one-line errors, a JSON object as the last line.
+
+Nothing here names a task: each command is built from the tasks' own configs, converters and prediction flags.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,8 @@ from collections.abc import Callable
 import ray
 
 from cliptime.config import TrainConfig, add_dataclass_args, from_namespace
-from cliptime.convert import CONVERTERS, convert_config
 from cliptime.errors import CliptimeError
-from cliptime.tasks import TASKS
+from cliptime.tasks import TASKS, task_class
 
 
 def user_error(e: BaseException) -> CliptimeError | None:
@@ -29,6 +31,7 @@ def user_error(e: BaseException) -> CliptimeError | None:
 
 def run_job(job: Callable[[], object]) -> int:
     """Run `job`; print its result's JSON as the last stdout line (exit 0) or a one-line error (exit 2)."""
+    ray_was_up = ray.is_initialized()
     try:
         result = job()
     except Exception as e:
@@ -38,78 +41,81 @@ def run_job(job: Callable[[], object]) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     finally:
-        # Flush what Ray's workers still have to print before the final JSON line.
-        ray.shutdown()
+        # Flush what Ray's workers still have to print before the final JSON line (a Ray that was up before the
+        # job, as in an embedding program or a test session, is left running).
+        if not ray_was_up:
+            ray.shutdown()
     payload = result if isinstance(result, dict) else dataclasses.asdict(result)
     print(json.dumps(payload, sort_keys=True, default=str), flush=True)
     return 0
 
 
-def train_main(task_name: str, description: str, argv: list[str] | None = None) -> int:
-    task_cls = TASKS[task_name]
+def train_parser(task_name: str, description: str = "") -> argparse.ArgumentParser:
+    """`jobs/train_<task>.py`'s flags: the task's settings, then training; defaults are the task's presets."""
+    task_cls = task_class(task_name)
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, task_cls.Config, f"{task_name} task")
+    add_dataclass_args(parser, task_cls.Config, f"{task_cls.title} task")
     add_dataclass_args(parser, TrainConfig, "training, scale and tracking")
-    parser.set_defaults(**task_cls.train_defaults)
-    args = parser.parse_args(argv)
+    parser.set_defaults(**dataclasses.asdict(task_cls.train_config()))
+    return parser
+
+
+def train_main(task_name: str, description: str, argv: list[str] | None = None) -> int:
+    task_cls = task_class(task_name)
+    args = train_parser(task_name, description).parse_args(argv)
 
     def job():
-        from cliptime import train
+        from cliptime.job import run
 
-        return train.run(task_cls(from_namespace(task_cls.Config, args)), from_namespace(TrainConfig, args))
+        return run(task_cls(from_namespace(task_cls.Config, args)), from_namespace(TrainConfig, args))
 
     return run_job(job)
-
-
-GENERATORS = {"fungal": "cliptime", "sounds": "tclap"}  # make_shards subcommand -> task
 
 
 def make_shards_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Write a data set as Parquet shards (train/val/test + manifest.json): a task's generated "
-        "set, or the user's own time-lapse photos or ESC-50-layout sounds.",
+        "set (`make_shards.py TASK OUT`), or your own files through a task's converter.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for command, task_name in GENERATORS.items():
-        task_cls = TASKS[task_name]
-        sub = commands.add_parser(command, help=f"the {task_name} task's generated data set")
-        sub.add_argument("out_dir", help="output directory (written atomically)")
-        sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-        add_dataclass_args(sub, task_cls.Config, f"{task_name} data")
-    for command, (task_name, metavar, what) in CONVERTERS.items():
-        sub = commands.add_parser(command, help=f"{what} -> {task_name} shards")
-        sub.add_argument("input_dir", metavar=metavar, help=what)
-        sub.add_argument("out_dir", help="output directory (written atomically)")
-        sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-        sub.add_argument(
-            "--skip-bad", action="store_true", help="skip unreadable files and bad rows, and report them, not stop"
+    for task_cls in TASKS.values():
+        sub = commands.add_parser(
+            task_cls.name, aliases=list(task_cls.aliases), help=f"the {task_cls.title} task's generated data set"
         )
-        add_dataclass_args(sub, convert_config(command), f"{command} conversion")
+        sub.set_defaults(task=task_cls, converter=None)
+        sub.add_argument("out_dir", help="output directory (written atomically)")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        data_settings = [f for f in task_cls.data_fields if f != "data"]
+        add_dataclass_args(sub, task_cls.Config, f"{task_cls.title} data", only=data_settings)
+        for kind, converter in task_cls.converters.items():
+            sub = commands.add_parser(kind, help=f"{converter.help} -> {task_cls.title} shards")
+            sub.set_defaults(task=task_cls, converter=kind)
+            sub.add_argument("input_dir", metavar=converter.metavar, help=converter.help)
+            sub.add_argument("out_dir", help="output directory (written atomically)")
+            sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+            sub.add_argument(
+                "--skip-bad", action="store_true", help="skip unreadable files and bad rows, and report them, not stop"
+            )
+            add_dataclass_args(sub, converter.Config, f"{kind} conversion")
     args = parser.parse_args(argv)
 
     def job():
-        from cliptime.convert import write_user_shards
-        from cliptime.data.shards import write_shards
-        from cliptime.train import init_ray
+        from cliptime.convert import write_generated_shards, write_user_shards
 
-        if args.command in CONVERTERS:
-            cfg = from_namespace(convert_config(args.command), args)
-            return write_user_shards(
-                args.command, args.input_dir, args.out_dir, cfg, skip_bad=args.skip_bad, overwrite=args.overwrite
-            )
-        task_cls = TASKS[GENERATORS[args.command]]
-        task = task_cls(from_namespace(task_cls.Config, args))
-        task.check()
-        init_ray()
-        manifest = write_shards(
-            task.generate(),
+        task_cls = args.task
+        if args.converter is None:
+            task = task_cls(from_namespace(task_cls.Config, args))
+            return write_generated_shards(task, args.out_dir, overwrite=args.overwrite)
+        cfg = from_namespace(task_cls.converters[args.converter].Config, args)
+        return write_user_shards(
+            task_cls,
+            args.converter,
+            args.input_dir,
             args.out_dir,
-            task=task.name,
-            label=task.label_column,
-            source=task.source(),
+            cfg,
+            skip_bad=args.skip_bad,
             overwrite=args.overwrite,
         )
-        return {"out_dir": args.out_dir, "manifest": manifest}
 
     return run_job(job)
 
@@ -140,18 +146,26 @@ def tune_main(argv: list[str] | None = None) -> int:
     return run_job(job)
 
 
-def predict_main(argv: list[str] | None = None) -> int:
+def predict_parser() -> tuple[argparse.ArgumentParser, dict[str, dict]]:
+    """(the parser, each task's own predict flags with their defaults)."""
     parser = argparse.ArgumentParser(
-        description="Predict with a registered cliptime model. CLIPTime: an image (stage, class probabilities, "
-        "hours) or a folder of images (a Parquet/CSV table, computed with Ray Data). T-CLAP: an audio file with "
-        "candidate captions (ranked) or --order A B (which order the clip plays).",
+        description="Predict with a registered cliptime model: a file gives one JSON answer; a folder gives a "
+        "table of predictions (Parquet or CSV, computed with Ray Data in batches).",
     )
-    parser.add_argument("model", help="model URI, e.g. models:/cliptime-fungal@champion or models:/tclap/1")
-    parser.add_argument("input", help="image file or folder (CLIPTime); WAV/FLAC file (T-CLAP)")
-    parser.add_argument("--caption", default="", help="CLIPTime: the photo's description (default: none)")
-    parser.add_argument("--out", default="", help="CLIPTime folders: output .parquet or .csv")
-    parser.add_argument("--captions", nargs="+", default=[], help="T-CLAP: candidate captions to rank")
-    parser.add_argument("--order", nargs=2, metavar=("A", "B"), help="T-CLAP: two events; which plays first?")
+    parser.add_argument("model", help="model URI, e.g. models:/cliptime@champion or models:/tclap/1")
+    parser.add_argument("input", help="an input file, or a folder of them")
+    parser.add_argument("--out", default="", help="folders: the output table, .parquet or .csv")
+    defaults = {}
+    for name, cls in TASKS.items():
+        cls.add_predict_args(parser.add_argument_group(f"{cls.title} models"))
+        own = argparse.ArgumentParser(add_help=False)
+        cls.add_predict_args(own.add_argument_group())
+        defaults[name] = vars(own.parse_args([]))
+    return parser, defaults
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    parser, task_flags = predict_parser()
     args = parser.parse_args(argv)
 
     def job():
@@ -162,13 +176,14 @@ def predict_main(argv: list[str] | None = None) -> int:
         path = Path(args.input)
         if not path.exists():
             raise CliptimeError(f"input {path} does not exist")
-        _, task = predict.load(args.model)
-        if task.name == "cliptime":
-            if args.captions or args.order:
-                raise CliptimeError(f"{args.model} is a CLIPTime model: --captions and --order are for T-CLAP")
-            return predict.predict_cliptime(args.model, path, args.caption, Path(args.out) if args.out else None)
-        if args.caption or args.out:
-            raise CliptimeError(f"{args.model} is a T-CLAP model: --caption and --out are for CLIPTime")
-        return predict.predict_tclap(args.model, path, args.captions, args.order)
+        model, task = predict.load(args.model)
+        for other, defaults in task_flags.items():
+            given = ["--" + k.replace("_", "-") for k, v in defaults.items() if getattr(args, k) != v]
+            if other != task.name and given:
+                verb = "is" if len(given) == 1 else "are"
+                raise CliptimeError(
+                    f"{args.model} is a {task.title} model: {' and '.join(given)} {verb} for {TASKS[other].title}"
+                )
+        return predict.predict(args.model, model, task, path, args)
 
     return run_job(job)

@@ -1,7 +1,8 @@
 """Typed configs. Dataclasses everywhere inside; command-line flags and YAML only at the edges.
 
 Every field carries its help text in `metadata["help"]`, so a job's `--help` documents every flag and a tune
-space can name any field.
+space can name any field. A field marked `flag=False` is no flag: the data decide it (a task resolves it from
+the shards' manifest), and it travels in the config like every other setting.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -57,6 +59,9 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject settings that Ray or the loop would only trip over after start-up, naming the flag."""
+        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker"):
+            if getattr(self, name) < 1:
+                raise CliptimeError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 1 or more")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise CliptimeError(
                 f"--placement-strategy {self.placement_strategy!r}: expected one of {', '.join(PLACEMENT_STRATEGIES)}"
@@ -77,16 +82,21 @@ def _field_type(cls, f: dataclasses.Field) -> Any:
     return hints[f.name]
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """Add one `--flag` per field of dataclass `cls`, with its default and help, in its own group."""
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, title: str, only: Collection[str] | None = None
+) -> None:
+    """Add one `--flag` per field of dataclass `cls` (or per field named in `only`), with its default and help,
+    in its own group."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("flag") is False or (only is not None and f.name not in only):
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)r)"
         flags = [flag, *f.metadata.get("aliases", ())]
-        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "aliases")}
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "aliases", "flag")}
         extra.update(dest=f.name, default=default, help=helptext)
         if kind is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **extra)
@@ -97,7 +107,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
     return from_dict(cls, values)
 
 
@@ -116,10 +126,6 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def flat_params(prefix: str, cfg: Any) -> dict[str, Any]:
     """`{prefix.field: value}` for logging a config as MLflow params."""
     return {f"{prefix}.{k}": v for k, v in dataclasses.asdict(cfg).items()}
@@ -132,5 +138,4 @@ __all__ = [
     "from_namespace",
     "flat_params",
     "option",
-    "to_dict",
 ]

@@ -1,7 +1,12 @@
-"""Prediction from any registered model URI (`models:/cliptime-fungal@champion`, `models:/tclap/3`, `runs:/...`)."""
+"""Prediction from any registered model URI (`models:/cliptime@champion`, `models:/tclap/3`, `runs:/...`).
+
+The model is loaded once; its task turns an input file into model inputs and the predictions into the answer.
+A folder's files are predicted in batches by Ray Data actors, each loading the model once, into one table.
+"""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +15,12 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from cliptime.errors import CliptimeError
+from cliptime.runtime import init_ray
+from cliptime.tasks.base import Task
 from cliptime.tracking import TaskModel, tracking_uri
 
-IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp")
 
-
-def load(uri: str):
+def load(uri: str) -> tuple[Any, Task]:
     """(pyfunc model, its task) for a cliptime model URI."""
     mlflow.set_tracking_uri(tracking_uri())
     try:
@@ -29,64 +34,44 @@ def load(uri: str):
 
 
 class _FolderPredictor:
-    """Ray Data actor: the model loaded once, predicting batches of image files."""
+    """Ray Data actor: the model loaded once, predicting batches of files."""
 
-    def __init__(self, uri: str, caption: str):
-        self.model, _ = load(uri)
-        self.caption = caption
+    def __init__(self, uri: str, args: argparse.Namespace):
+        self.model, self.task = load(uri)
+        self.args = args
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = self.model.predict(pd.DataFrame({"image": list(batch["bytes"]), "caption": self.caption}))
-        out.insert(0, "path", list(batch["path"]))
+        rows = [self.task.prediction_rows(bytes(data), self.args) for data in batch["bytes"]]
+        out = self.model.predict(pd.concat(rows, ignore_index=True))
+        out.insert(0, "path", [p for p, r in zip(batch["path"], rows) for _ in range(len(r))])
         return out
 
 
-def predict_cliptime(uri: str, path: Path, caption: str, out: Path | None) -> dict[str, Any]:
-    model, _ = load(uri)
+def predict(uri: str, model: Any, task: Task, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON answer for one input file, or for a folder (its table written to `args.out`)."""
     if path.is_file():
-        row = model.predict(pd.DataFrame({"image": [path.read_bytes()], "caption": [caption]})).iloc[0]
-        return {"path": str(path), **row.to_dict()}
+        predictions = model.predict(task.prediction_rows(path.read_bytes(), args))
+        return {"path": str(path), **task.prediction_result(predictions, args)}
     import ray.data
 
-    from cliptime.train import init_ray
-
-    files = [p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_SUFFIXES]
+    files = [p for p in sorted(path.rglob("*")) if p.suffix.lower().lstrip(".") in task.file_suffixes]
     if not files:
-        raise CliptimeError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise CliptimeError(f"{path} holds no {task.title} input files ({', '.join(task.file_suffixes)})")
     init_ray()
-    images = ray.data.read_binary_files([str(f) for f in files], include_paths=True)
-    predictions = images.map_batches(
-        _FolderPredictor,
-        fn_constructor_kwargs={"uri": uri, "caption": caption},
-        batch_format="pandas",
-        batch_size=64,
-        concurrency=1,
-    ).to_pandas()
-    out = out or Path("predictions.parquet")
+    table = (
+        ray.data.read_binary_files([str(f) for f in files], include_paths=True)
+        .map_batches(
+            _FolderPredictor,
+            fn_constructor_kwargs={"uri": uri, "args": args},
+            batch_format="pandas",
+            batch_size=64,
+            concurrency=1,
+        )
+        .to_pandas()
+    )
+    out = Path(args.out or "predictions.parquet")
     if out.suffix == ".csv":
-        predictions.to_csv(out, index=False)
+        table.to_csv(out, index=False)
     else:
-        predictions.to_parquet(out, index=False)
-    counts = predictions["stage"].value_counts().to_dict()
-    return {"images": len(predictions), "stages": counts, "written": str(out)}
-
-
-def predict_tclap(uri: str, path: Path, captions: list[str], order: list[str] | None) -> dict[str, Any]:
-    from cliptime.data.sound_events import ORDER_TEMPLATES
-
-    model, _ = load(uri)
-    if not path.is_file():
-        raise CliptimeError(f"{path} is not a file (T-CLAP predicts one audio file at a time)")
-    if order:
-        template = ORDER_TEMPLATES["basic"][0]
-        captions = [template.format(first=order[0], second=order[1]), template.format(first=order[1], second=order[0])]
-    if not captions:
-        raise CliptimeError("give candidate captions with --captions, or two events with --order A B")
-    audio = path.read_bytes()
-    scores = model.predict(pd.DataFrame({"audio": [audio] * len(captions), "caption": captions}))
-    ranked = scores.sort_values("score", ascending=False).to_dict("records")
-    result: dict[str, Any] = {"path": str(path), "ranking": ranked}
-    if order:
-        first_wins = scores["score"][0] >= scores["score"][1]
-        result["order"] = list(order) if first_wins else [order[1], order[0]]
-    return result
+        table.to_parquet(out, index=False)
+    return {**task.folder_summary(table), "written": str(out)}

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import urllib.parse
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,11 @@ class EpochLogger(UserCallback):
         MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
 def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict[str, Any]]) -> None:
     """Log the epochs of a checkpoint's history that the run lacks.
 
@@ -140,21 +146,36 @@ def _requirements() -> list[str]:
     return [f"{n}=={importlib.metadata.version(n)}" for n in names]
 
 
-def log_and_register(
-    task, model: torch.nn.Module, task_config: dict, register: bool, tags: dict[str, str]
-) -> tuple[str, str | None]:
-    """Log the model as a pyfunc in the active run; register a new version unless `register` is off.
+def registered_version(client: MlflowClient, model_name: str, run_id: str) -> str | None:
+    """The version of `model_name` that run `run_id` registered, if any."""
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return str(min(int(v.version) for v in found)) if found else None
 
-    Returns (model URI of the logged model, registered version or None).
-    """
+
+def log_and_register(task, model: torch.nn.Module, register: bool, tags: dict[str, str]) -> str | None:
+    """Log the model as a pyfunc in the active run and register it as a version of the model named after its
+    task, tagged with `tags`, unless `register` is off; returns the version.
+
+    One version per run: a run that already registered one (a finished run resumed) gets that version back."""
     from mlflow.models import infer_signature
+
+    from cliptime.tasks import task_ref
+
+    run_id = mlflow.active_run().info.run_id
+    client = MlflowClient()
+    if register and (version := registered_version(client, task.name, run_id)):
+        print(f"run {run_id} is already registered as {task.name} version {version}", flush=True)
+        return version
 
     example = task.input_example()
     signature = infer_signature(example, task.predict(model, example))
     with tempfile.TemporaryDirectory() as tmp:
         weights, config = Path(tmp) / "weights.pt", Path(tmp) / "task_config.json"
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
-        config.write_text(json.dumps({"task": task.name, "task_config": task_config}, indent=2))
+        config.write_text(json.dumps({"task": task_ref(task), "task_config": asdict(task.cfg)}, indent=2))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=TaskModel(),
@@ -162,12 +183,11 @@ def log_and_register(
             code_paths=[str(Path(cliptime.__file__).parent)],
             signature=signature,
             pip_requirements=_requirements(),
-            registered_model_name=task.registered_model if register else None,
+            registered_model_name=task.name if register else None,
         )
-    version = None
-    if register:
-        version = str(info.registered_model_version)
-        client = MlflowClient()
-        for k, v in tags.items():
-            client.set_model_version_tag(task.registered_model, version, k, v)
-    return info.model_uri, version
+    if not register:
+        return None
+    version = str(info.registered_model_version)
+    for k, v in tags.items():
+        client.set_model_version_tag(task.name, version, k, v)
+    return version

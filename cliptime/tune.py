@@ -1,10 +1,14 @@
 """Sweeps: a `tune_spaces/*.yaml` file -> Ray Tune (OptunaSearch + ASHA) over the task's TorchTrainer.
 
-Each trial is a function trainable that calls the same `cliptime.train.fit` as the training jobs, with Ray's
-`TuneReportCallback` forwarding every epoch's report to Tune (so ASHA can stop it early) and the epoch logger
-writing it to the trial's MLflow child run. After the sweep, the best trial's checkpoint is evaluated on the test
-split and registered; the alias `champion` moves to it only if it beats the current champion on the sweep's
-metric.
+The data are prepared once on the driver (once per combination of the data settings the space chooses among,
+such as caption templates) and handed to every trial. Each trial is a function trainable that calls the same
+`cliptime.train.fit` as the training jobs, with Ray's `TuneReportCallback` forwarding every epoch's report to
+Tune (so ASHA can stop it early) and the epoch logger writing it to the trial's MLflow child run. After the
+sweep, the best trial's checkpoint is evaluated on the test split already prepared and registered; the alias
+`champion` moves to it only if it beats the current champion on the sweep's metric.
+
+The space is read straight into Optuna distributions: the one representation that OptunaSearch samples from
+and that the sweep's Optuna figures are drawn with.
 
 Search-space file::
 
@@ -17,6 +21,7 @@ Search-space file::
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or {type: fifo}
     fixed: {epochs: 4, sequences: 20}                               # task or training settings for all trials
     space:                                                          # task or training settings to search
+                                                                    # (data settings: choice only)
       lr: {loguniform: [0.0005, 0.005]}
       head_depth: {int: [1, 4]}
       head: {choice: [transformer, mlp]}
@@ -26,28 +31,33 @@ Search-space file::
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import optuna
 import ray.train
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-from cliptime import tracking, train
-from cliptime.config import TrainConfig, flat_params, from_dict
+from cliptime import evaluate, tracking, train
+from cliptime.config import TrainConfig, flat_params
 from cliptime.errors import CliptimeError
-from cliptime.tasks import TASKS, make_task
+from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
+from cliptime.runtime import Storage, init_ray
+from cliptime.tasks import task_class
+from cliptime.tasks.base import Task
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SPEC_KEYS = {"task", "metric", "mode", "num_samples", "max_concurrent", "seed", "scheduler", "fixed", "space"}
-SWEEP_FILE = "cliptime_sweep.json"
+SWEEP_RECORD = "cliptime_sweep.json"
 
 
 @dataclass
@@ -62,15 +72,28 @@ class SweepSpec:
     fixed: dict[str, Any] = field(default_factory=dict)
     space: dict[str, dict[str, list]] = field(default_factory=dict)
 
-    def split(self, values: dict[str, Any]) -> tuple[dict, dict]:
-        """Settings by name -> (task config dict, train config dict)."""
-        task_fields = {f.name for f in dataclasses.fields(TASKS[self.task].Config)}
-        task_cfg = {k: v for k, v in values.items() if k in task_fields}
-        return task_cfg, {k: v for k, v in values.items() if k not in task_fields}
+    @property
+    def task_cls(self) -> type[Task]:
+        return task_class(self.task)
 
+    def settings(self, sampled: dict[str, Any], storage_path: str, experiment: str) -> tuple[dict, TrainConfig]:
+        """(task settings, training config) of a trial: the fixed settings, then the sampled ones."""
+        values = {**self.fixed, **sampled}
+        task_fields = {f.name for f in dataclasses.fields(self.task_cls.Config)}
+        task_settings = {k: v for k, v in values.items() if k in task_fields}
+        train_settings = {k: v for k, v in values.items() if k not in task_fields}
+        tc = self.task_cls.train_config(**train_settings, storage_path=storage_path, experiment=experiment)
+        return task_settings, tc
 
-def _setting_names(task: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(TASKS[task].Config)} | {f.name for f in dataclasses.fields(TrainConfig)}
+    def data_variant(self, values: dict[str, Any]) -> tuple:
+        """The data settings among `values` that the space chooses (a key of the sweep's prepared data sets)."""
+        return tuple((k, values[k]) for k in sorted(self.space) if k in self.task_cls.data_fields)
+
+    def data_variants(self) -> list[dict[str, Any]]:
+        """Every combination of the data settings that the space chooses among ([{}] when it chooses none)."""
+        names = [k for k in sorted(self.space) if k in self.task_cls.data_fields]
+        choices = [self.space[k]["choice"] for k in names]
+        return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -87,26 +110,31 @@ def load_spec(path: str | Path) -> SweepSpec:
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
         raise CliptimeError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})")
-    task = raw.get("task")
-    if task not in TASKS:
-        raise CliptimeError(f"{path}: task {task!r} is not one of {', '.join(TASKS)}")
+    try:
+        cls = task_class(str(raw.get("task")))
+    except CliptimeError:
+        raise CliptimeError(f"{path}: task {raw.get('task')!r} is not a known task") from None
     if raw.get("mode", "max") not in ("max", "min"):
         raise CliptimeError(f"{path}: mode {raw['mode']!r} must be max or min")
-    names = _setting_names(task)
+    names = {f.name for f in dataclasses.fields(cls.Config)} | {f.name for f in dataclasses.fields(TrainConfig)}
     for section in ("fixed", "space"):
         if not isinstance(raw.get(section, {}), dict):
             raise CliptimeError(f"{path}: {section} must be a mapping of setting names")
         bad = sorted(set(raw.get(section, {})) - names)
         if bad:
-            raise CliptimeError(f"{path}: {section}.{bad[0]} is not a {task} task or training setting")
+            raise CliptimeError(f"{path}: {section}.{bad[0]} is not a {cls.name} task or training setting")
     for name, dist in raw.get("space", {}).items():
         _check_distribution(path, name, dist)
+        if name in cls.data_fields and "choice" not in dist:
+            raise CliptimeError(
+                f"{path}: space.{name} decides the data, which a sweep prepares once per value: use choice"
+            )
     scheduler = raw.get("scheduler", {"type": "asha"})
     if scheduler.get("type") not in ("asha", "fifo"):
         raise CliptimeError(f"{path}: scheduler.type {scheduler.get('type')!r} must be asha or fifo")
     spec = SweepSpec(
-        task=task,
-        metric=raw.get("metric", TASKS[task].monitor),
+        task=cls.name,
+        metric=raw.get("metric", cls.monitor),
         mode=raw.get("mode", "max"),
         num_samples=int(raw.get("num_samples", 8)),
         max_concurrent=int(raw.get("max_concurrent", 1)),
@@ -142,28 +170,21 @@ def _check_distribution(path: Path, name: str, dist: Any) -> None:
         raise CliptimeError(f"{where}: int bounds must be whole numbers")
 
 
-def search_space(spec: SweepSpec) -> dict[str, Any]:
-    space = {}
+def distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
+    """The space as Optuna distributions (`int`: both bounds included)."""
+    out: dict[str, BaseDistribution] = {}
     for name, dist in spec.space.items():
         ((kind, args),) = dist.items()
         if kind == "choice":
-            space[name] = tune.choice(args)
-        elif kind == "uniform":
-            space[name] = tune.uniform(*args)
-        elif kind == "loguniform":
-            space[name] = tune.loguniform(*args)
-        else:  # int, both bounds included
-            space[name] = tune.randint(int(args[0]), int(args[1]) + 1)
-    return space
+            out[name] = CategoricalDistribution(args)
+        elif kind == "int":
+            out[name] = IntDistribution(int(args[0]), int(args[1]))
+        else:
+            out[name] = FloatDistribution(args[0], args[1], log=kind == "loguniform")
+    return out
 
 
-def _trial_settings(spec: SweepSpec, sampled: dict, storage_path: str, experiment: str):
-    task_cfg, train_cfg = spec.split({**spec.fixed, **sampled})
-    tc = from_dict(TrainConfig, {**train_cfg, "storage_path": storage_path, "experiment": experiment})
-    return make_task(spec.task, task_cfg), tc
-
-
-def _child_run(client: MlflowClient, experiment_id: str, parent: str, trial: str, task) -> str:
+def _child_run(client: MlflowClient, experiment_id: str, parent: str, trial: str, task: Task, tc: TrainConfig) -> str:
     """The trial's MLflow child run: found again when a resumed sweep restarts the trial, else created."""
     found = client.search_runs(
         [experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`cliptime.trial` = '{trial}'"
@@ -175,26 +196,39 @@ def _child_run(client: MlflowClient, experiment_id: str, parent: str, trial: str
         run_name=trial,
         tags={"mlflow.parentRunId": parent, "cliptime.trial": trial, "cliptime.task": task.name},
     )
-    mlflow.log_params({**flat_params("task", task.cfg)}, run_id=run.info.run_id)
+    mlflow.log_params({**flat_params("task", task.cfg), **flat_params("train", tc)}, run_id=run.info.run_id)
     return run.info.run_id
 
 
-def _trial(config: dict, *, spec: dict, sweep: str, storage_path: str, uri: str, parent: str, experiment: str):
-    """One trial: the task's own training path, reporting each epoch to Tune and to the trial's child run."""
+def trial_setup(
+    spec: SweepSpec, sampled: dict, prepared: dict[tuple, PreparedData], storage_path: str, experiment: str
+):
+    """(prepared data, task, training config) of the trial that sampled `sampled`: the task is the prepared
+    data's (resolved against the data) with the trial's other settings."""
+    task_settings, tc = spec.settings(sampled, storage_path, experiment)
+    data = prepared[spec.data_variant({**spec.fixed, **sampled})]
+    task = data.task.replace(**{k: v for k, v in task_settings.items() if k not in spec.task_cls.data_fields})
+    return data, task, tc
+
+
+def _trial(
+    config: dict, *, spec: dict, prepared: dict, sweep: str, storage_path: str, uri: str, parent: str, experiment: str
+):
+    """One trial: the task's own training path on the sweep's prepared data, reporting each epoch to Tune and
+    to the trial's child run."""
     spec = SweepSpec(**spec)
-    task, tc = _trial_settings(spec, config, storage_path, experiment)
+    data, task, tc = trial_setup(spec, config, prepared, storage_path, experiment)
     tc.check()
     task.check()
     mlflow.set_tracking_uri(uri)
     trial = tune.get_context().get_trial_name()
     client = MlflowClient(uri)
-    child = _child_run(client, tracking.experiment_id(client, experiment), parent, trial, task)
-    datasets, steps_per_epoch = train.prepare_data(task, tc)
+    child = _child_run(client, tracking.experiment_id(client, experiment), parent, trial, task, tc)
     train.fit(
         task,
         tc,
-        datasets,
-        steps_per_epoch,
+        training_datasets(data, task, tc.seed),
+        steps_per_epoch(data, tc.batch_size),
         f"{sweep}-{trial}",
         storage_path,
         [tracking.EpochLogger(uri, child), TuneReportCallback()],
@@ -207,33 +241,20 @@ def _optuna_figures(spec: SweepSpec, results: tune.ResultGrid) -> dict[str, Any]
     import matplotlib
 
     matplotlib.use("Agg")
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.visualization import matplotlib as optuna_plots
 
-    distributions = {}
-    for name, dist in spec.space.items():
-        ((kind, args),) = dist.items()
-        distributions[name] = (
-            CategoricalDistribution(args)
-            if kind == "choice"
-            else IntDistribution(int(args[0]), int(args[1]))
-            if kind == "int"
-            else FloatDistribution(args[0], args[1], log=kind == "loguniform")
-        )
+    space = distributions(spec)
     study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
     for r in results:
         if r.metrics and spec.metric in r.metrics:
-            params = {k: r.config[k] for k in distributions}
+            params = {k: r.config[k] for k in space}
             study.add_trial(
-                optuna.trial.create_trial(
-                    params=params, distributions=distributions, value=float(r.metrics[spec.metric])
-                )
+                optuna.trial.create_trial(params=params, distributions=space, value=float(r.metrics[spec.metric]))
             )
     figures = {}
     if study.trials:
         figures["optuna_history.png"] = optuna_plots.plot_optimization_history(study).figure
-    if len({t.value for t in study.trials}) >= 2 and distributions:  # importances need varied outcomes
+    if len({t.value for t in study.trials}) >= 2 and space:  # importances need varied outcomes
         figures["optuna_param_importances.png"] = optuna_plots.plot_param_importances(study).figure
     return figures
 
@@ -265,18 +286,17 @@ def sweep(
 ) -> dict[str, Any]:
     """Run (or `resume`, by name or 'latest') a sweep; register its best model; maybe move `champion`."""
     spec = load_spec(spec_path)
-    task, tc = _trial_settings(spec, spec.fixed, storage_path, experiment)
+    task_settings, tc = spec.settings({}, storage_path, experiment)
+    task = spec.task_cls(spec.task_cls.Config(**task_settings))
     tc.check()
     task.check()
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    fs, root, storage_path = train._storage(storage_path)
+    storage = Storage(storage_path)
     client = MlflowClient(uri)
     if resume:
-        name, saved = train.find_saved(
-            fs, root, resume, task=spec.task, kind="sweep", prefix=f"sweep-{spec.task}-", marker=SWEEP_FILE
-        )
+        name, saved = storage.find(resume, SWEEP_RECORD, what=f"{spec.task} sweep", prefix=f"sweep-{spec.task}-")
         parent = saved["mlflow_run_id"]
     else:
         name = name or f"sweep-{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -295,18 +315,18 @@ def sweep(
             },
             run_id=parent,
         )
-        fs.create_dir(f"{root}/{name}", recursive=True)
-        with fs.open_output_stream(f"{root}/{name}/{SWEEP_FILE}") as f:
-            f.write(json.dumps({"task": spec.task, "spec": asdict(spec), "mlflow_run_id": parent}).encode())
+        storage.write(name, SWEEP_RECORD, {"task": spec.task, "spec": asdict(spec), "mlflow_run_id": parent})
     # Each running trial holds its workers' CPUs plus a sliver for itself, which leaves a fractional CPU: Ray
     # Data's 1-CPU tasks need two whole ones beside them (with one, a trial was seen waiting on them forever).
-    train.init_ray(spec.max_concurrent * (tc.num_workers * tc.cpus_per_worker + 2))
+    init_ray(spec.max_concurrent * (tc.num_workers * tc.cpus_per_worker + 2))
+    prepared = {spec.data_variant(v): prepare(task.replace(**v)) for v in spec.data_variants()}
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
             spec=asdict(spec),
+            prepared=prepared,
             sweep=name,
-            storage_path=storage_path,
+            storage_path=storage.uri,
             uri=uri,
             parent=parent,
             experiment=experiment,
@@ -315,7 +335,7 @@ def sweep(
         {"cpu": 0.01},
     )
     if resume:
-        tuner = tune.Tuner.restore(f"{storage_path}/{name}", trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(f"{storage.uri}/{name}", trainable, resume_errored=True)
     else:
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
         from ray.tune.search import ConcurrencyLimiter
@@ -332,17 +352,17 @@ def sweep(
             if sched.get("type", "asha") == "asha"
             else FIFOScheduler()
         )
+        searcher = OptunaSearch(space=distributions(spec), metric=spec.metric, mode=spec.mode, seed=spec.seed)
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(spec),
             tune_config=tune.TuneConfig(
                 metric=spec.metric,
                 mode=spec.mode,
                 num_samples=spec.num_samples,
                 scheduler=scheduler,
-                search_alg=ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.max_concurrent),
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path),
+            run_config=tune.RunConfig(name=name, storage_path=storage.uri),
         )
     with mlflow.start_run(run_id=parent):
         results = tuner.fit()
@@ -352,34 +372,30 @@ def sweep(
             raise CliptimeError(f"sweep {name}: no trial reported {spec.metric} ({errors or 'no trial ran'})")
         best = results.get_best_result(spec.metric, spec.mode, scope="last")
         value = float(best.metrics[spec.metric])
-        task, tc = _trial_settings(spec, best.config, storage_path, experiment)
+        data, task, tc = trial_setup(spec, best.config, prepared, storage.uri, experiment)
         checkpoint = ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY])
-        datasets, _ = train.prepare_data(task, tc)
-        metrics, _ = train.test(task, tc, checkpoint, datasets["test"])
+        metrics, _ = evaluate.test(task, tc, checkpoint, data.splits["test"])
         test_metrics = {f"best/test/{k}": v for k, v in metrics.items()}
         mlflow.log_metrics({f"best/{spec.metric}": value, **test_metrics})
         mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
         tracking.log_figures(parent, _optuna_figures(spec, results), client)
         model = train.load_checkpoint_model(task, checkpoint)
-        _, version = tracking.log_and_register(
-            task,
-            model,
-            asdict(task.cfg),
-            True,
-            tags={"sweep": name, **{k: f"{v:.4f}" for k, v in test_metrics.items()}},
+        version = tracking.log_and_register(
+            task, model, True, tags={"sweep": name, **{k: f"{v:.4f}" for k, v in test_metrics.items()}}
         )
-        moved, before = promote_champion(client, task.registered_model, version, spec.metric, value, spec.mode)
-    champion = client.get_model_version_by_alias(task.registered_model, "champion").version
+        moved, before = promote_champion(client, task.name, version, spec.metric, value, spec.mode)
+    champion = client.get_model_version_by_alias(task.name, "champion").version
     return {
         "sweep": name,
         "run_id": parent,
         "trials": len(results),
         "finished_trials": len(finished),
+        "prepared_data_sets": len(prepared),
         "best_config": best.config,
         "metric": spec.metric,
         "best_value": value,
         "test_metrics": metrics,
-        "model_name": task.registered_model,
+        "model_name": task.name,
         "model_version": version,
         "champion_moved": moved,
         "champion_value_before": before,

@@ -1,4 +1,4 @@
-"""Write a generated data set as Parquet shards: `make_shards.py fungal OUT_DIR` or `make_shards.py sounds OUT_DIR`.
+"""Write a generated data set as Parquet shards: `make_shards.py cliptime OUT_DIR` or `make_shards.py tclap OUT_DIR`.
 
 Shards go to OUT_DIR/{train,val,test}/*.parquet with OUT_DIR/manifest.json, written to a temporary directory and
 renamed into place when complete. Train on them with `train_cliptime.py --data OUT_DIR` or

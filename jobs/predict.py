@@ -1,4 +1,4 @@
-"""Predict with a registered model: `python jobs/predict.py models:/cliptime-fungal@champion photo.png`.
+"""Predict with a registered model: `python jobs/predict.py models:/cliptime@champion photo.png`.
 
 CLIPTime: an image (optionally `--caption`) -> stage, class probabilities, estimated hours; a folder of images ->
 a Parquet or CSV table (`--out`), computed with Ray Data in batches. T-CLAP: a WAV file with `--captions ...` ->

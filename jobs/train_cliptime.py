@@ -1,7 +1,7 @@
 """Train CLIPTime (stage + timestamp from an image and its caption) on Ray, log to MLflow, register the model.
 
 With no arguments: generates the fungal-growth data set, trains the tiny CPU config on a local Ray instance,
-evaluates on the held-out sequences and registers `cliptime-fungal` in `sqlite:///mlflow.db`.
+evaluates on the held-out sequences and registers `cliptime` in `sqlite:///mlflow.db`.
 The last stdout line is one JSON object: metrics, MLflow run id, registered model name and version.
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cliptime.train import start_local_ray
+from cliptime.runtime import start_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, from_pcm16, generate_block
 from cliptime.errors import CliptimeError
 from cliptime.tasks import make_task
-from cliptime.tasks.audio_order import AudioOrderTask, contrastive_loss, retrieval, tclassify, temporal_loss
+from cliptime.tasks.tclap import TCLAPTask, contrastive_loss, retrieval, tclassify, temporal_loss
 
 KW = dict(pairs=6, singles=4, sample_rate=16000, clip_seconds=2.0, gap_seconds=(0.0, 0.15), template_set="rich")
 
@@ -19,7 +19,7 @@ def test_generator_is_deterministic_and_fits_the_schema():
     a = generate_block(1, "train", 0, **KW)
     assert a == generate_block(1, "train", 0, **KW)
     assert a["audio"][0] != generate_block(2, "train", 0, **KW)["audio"][0]
-    table = pa.table(a, schema=AudioOrderTask.schema)
+    table = pa.table(a, schema=TCLAPTask.schema)
     assert table.num_rows == 2 * 6 + 4
     for data in a["audio"]:
         x = from_pcm16(data)
@@ -86,10 +86,10 @@ def test_temporal_loss_joins_after_the_contrastive_only_epochs():
     full, parts = task.loss(model, batch)  # outside the training loop: the whole loss
     assert torch.isclose(full, parts["contrastive_loss"] + 0.5 * parts["temporal_loss"])
     for epoch, joined in ((0, False), (1, False), (2, True), (7, True)):  # round(0.25 * 8) = 2 epochs without
-        task.start_epoch(epoch, 8)
-        loss, parts = task.loss(model, batch)
+        loss, parts = task.loss(model, batch, epoch, 8)
         assert torch.isclose(loss, full if joined else parts["contrastive_loss"]), epoch
         assert parts["temporal_loss"] > 0  # still logged while it does not count
+    assert torch.isclose(task.loss(model, batch)[0], full)  # a pure function of (epoch, epochs): nothing stuck
 
 
 def test_order_features_follow_the_order_of_events_not_their_place_in_the_clip():

@@ -1,4 +1,4 @@
-"""ESC-50-layout sound collections -> T-CLAP shards of mixed-up order clips (schema in cliptime.tasks.audio_order).
+"""ESC-50-layout sound collections -> T-CLAP shards of mixed-up order clips (schema in cliptime.tasks.tclap).
 
 Layout::
 

@@ -209,7 +209,7 @@ def generate_sequence(
     hours: tuple[float, float],
     template_set: str,
 ) -> dict[str, list]:
-    """All frames of sequence `index` as columns of the fungal shard schema (see cliptime.tasks.fungal)."""
+    """All frames of sequence `index` as columns of the fungal shard schema (see cliptime.tasks.cliptime)."""
     templates = caption_templates(template_set)
     colony = ColonySequence(seed, index, size)
     rng = np.random.default_rng([seed, index, 1])

@@ -201,7 +201,7 @@ COLUMNS = ("audio", "sample_rate", "caption", "negative", "first", "second", "pa
 
 
 class ClipWriter:
-    """Collects clips as columns of the T-CLAP shard schema (see cliptime.tasks.audio_order)."""
+    """Collects clips as columns of the T-CLAP shard schema (see cliptime.tasks.tclap)."""
 
     def __init__(self, sample_rate: int, clip_samples: int, template_set: str, labels: dict[str, str]):
         self.sr, self.n, self.labels = sample_rate, clip_samples, labels

@@ -1,4 +1,4 @@
-"""Time-lapse photo folders -> CLIPTime shards (the schema documented in cliptime.tasks.fungal).
+"""Time-lapse photo folders -> CLIPTime shards (the schema documented in cliptime.tasks.cliptime).
 
 Layout::
 

@@ -1,14 +1,24 @@
 """The task interface: what a model family plugs into the one Ray Train / Tune / MLflow path.
 
-A task owns its data (generator, shard schema, decode), its model, its loss and its evaluation; `cliptime.train`
-owns the loop, checkpoints, resume, DDP, reporting, MLflow logging and registration. A new task is one new
-module with one `Task` subclass, registered in `cliptime.tasks.TASKS`.
+A task owns everything about its model family: its data (generator, converters from users' files, shard schema,
+decode), its model, loss and evaluation, and its prediction I/O. The generic modules (`cliptime.job`,
+`cliptime.train`, `cliptime.tune`, `cliptime.cli`, ...) own the loop, checkpoints, resume, DDP, reporting, MLflow
+and the registry, and name no task. A new task is one module with one `Task` subclass, listed in
+`cliptime.tasks.TASKS` (or named by its import path, `package.module:Class`), plus a short job script.
+
+A task is a value: it is built from its config alone, and no method changes it. What the data decide (class
+names, time range) is resolved once, on the driver, into a new task (`resolved`), so a task rebuilt anywhere
+from its config (a Ray worker, a sweep trial, a registered model) is the same task.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,21 +27,59 @@ import ray.data
 import torch
 from torch import nn
 
+from cliptime.config import TrainConfig, from_dict
+
 Batch = dict[str, torch.Tensor]
 NumpyBatch = dict[str, np.ndarray]
 
 
+@dataclass(frozen=True)
+class Converter:
+    """A reader of one format of users' own data into a task's shard rows (`make_shards.py KIND IN OUT`)."""
+
+    Config: type  # the converter's dataclass config (its flags)
+    metavar: str  # the input's name in --help, e.g. PHOTOS_DIR
+    help: str
+    # (input dir, config, scratch dir beside the output, skip bad inputs) -> (datasets per split, source, skipped)
+    convert: Callable[[Path, Any, Path, bool], tuple[dict[str, ray.data.Dataset], dict, list[str]]]
+
+
 class Task(ABC):
-    name: ClassVar[str]  # CLI and manifest name, e.g. "cliptime"
-    registered_model: ClassVar[str]  # MLflow registered model name, e.g. "cliptime-fungal"
-    Config: ClassVar[type]  # the task's dataclass config
+    # The task's one name: its key, its module under cliptime/tasks/, its registered MLflow model, its
+    # `make_shards.py` subcommand for the generated data, and its job script `jobs/train_<name>.py`.
+    name: ClassVar[str]
+    title: ClassVar[str]  # how people write it, e.g. "T-CLAP"
+    aliases: ClassVar[tuple[str, ...]] = ()  # older spellings that users already type
+    Config: ClassVar[type]  # the task's frozen dataclass config
     schema: ClassVar[pa.Schema]  # columns and types of the task's Parquet shards
     label_column: ClassVar[str]  # counted per split in shard manifests
     monitor: ClassVar[str]  # the validation metric that says how good a model is (higher is better)
-    train_defaults: ClassVar[dict] = {}  # TrainConfig defaults sized for this task's tiny CPU config
+    train_defaults: ClassVar[dict] = {}  # TrainConfig settings sized for this task's tiny CPU config
+    # settings that decide the prepared (decoded) data: a sweep prepares one data set per combination of them
+    data_fields: ClassVar[tuple[str, ...]] = ("data",)
+    converters: ClassVar[dict[str, Converter]] = {}  # make_shards subcommand -> reader of users' files
+    # The tiny preset of tests and smoke runs: the data-size settings at the least each may shrink to (benchmarks
+    # scale the data by them), and the smallest model settings that still train.
+    data_sizes: ClassVar[dict[str, int]] = {}
+    tiny_model: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    @classmethod
+    def train_config(cls, **overrides: Any) -> TrainConfig:
+        """The training settings of this task: `TrainConfig` defaults, the task's presets, then `overrides`.
+        Jobs, sweeps, benchmarks and tests all start here."""
+        return from_dict(TrainConfig, {**cls.train_defaults, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> Task:
+        """The task at its tiny preset (seconds per epoch on a CPU), with `overrides`."""
+        return cls(cls.Config(**{**cls.data_sizes, **cls.tiny_model, **overrides}))
+
+    def replace(self, **changes: Any) -> Task:
+        """This task with some settings changed (a new value; this one stays as it is)."""
+        return type(self)(dataclasses.replace(self.cfg, **changes))
 
     # -- data ----------------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -45,8 +93,11 @@ class Task(ABC):
         """How the generated data set is made (generator settings), recorded in shard manifests."""
         return {}
 
-    def check_manifest(self, manifest: dict) -> None:
-        """Reject shards made for another configuration (sample rate, clip length, ...)."""
+    def resolved(self, manifest: dict) -> Task:
+        """This task with what the shards' manifest decides (class names, time range) in its config.
+
+        Rejects shards made for another configuration (sample rate, clip length, ...) naming the setting."""
+        return self
 
     @abstractmethod
     def preprocessor(self) -> Callable[[NumpyBatch], NumpyBatch]:
@@ -60,26 +111,24 @@ class Task(ABC):
         return None
 
     def train_transform(self, batch: Batch) -> Batch:
-        """Random augmentation of a training batch on the worker's device, just before the loss.
-
-        For transforms costing a few operations per sample (a gain, a mask): as a Ray Data stage they would cost
-        more in moving data than in work. Measured on T-CLAP's per-clip gain on 2 CPU cores: a `map_batches`
-        stage (an extra pass of every epoch's 166 MB of audio through the object store) held the Ray path at
-        0.85-0.89 of the step-only speed, waiting for data 3.5-4% of the time; on the device: 0.99, 0.5%."""
+        """Random augmentation of a training batch on the worker's device, just before the loss: for transforms
+        of a few operations per sample (a gain, a mask), which would cost more in moving data than in work as a
+        Ray Data stage (benchmarks/pipeline.py measures both paths)."""
         return batch
 
     # -- model and loss ------------------------------------------------------------------------------------
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Called by the training loop before each epoch (0-based, of `epochs`): for a loss that changes over
-        the run. Outside the loop (tests, benchmarks) it is never called and the loss is the full one."""
-
     @abstractmethod
     def build_model(self, load_pretrained: bool = True) -> nn.Module:
         """The model; `load_pretrained=False` skips pretrained weights that a checkpoint will replace."""
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total loss, named parts to log) for one batch on the worker's device."""
+    def loss(
+        self, model: nn.Module, batch: Batch, epoch: int | None = None, epochs: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, named parts to log) for one batch on the worker's device.
+
+        `epoch` (0-based) of `epochs`: where the run stands, for a loss that changes over the run (a pure
+        function of the two). Without them (tests, benchmarks) the loss is the full one."""
 
     # -- evaluation ----------------------------------------------------------------------------------------
     @abstractmethod
@@ -94,7 +143,7 @@ class Task(ABC):
         """A baseline to train on the same data and budget and report beside this task's model, or None."""
         return None
 
-    # -- serving -------------------------------------------------------------------------------------------
+    # -- prediction ----------------------------------------------------------------------------------------
     @abstractmethod
     def input_example(self) -> Any:
         """A small pyfunc input (a pandas DataFrame) used for the MLflow signature and a smoke prediction."""
@@ -102,3 +151,23 @@ class Task(ABC):
     @abstractmethod
     def predict(self, model: nn.Module, inputs: Any) -> Any:
         """pyfunc prediction: a DataFrame of inputs -> a DataFrame of outputs."""
+
+    # `jobs/predict.py MODEL FILE_OR_FOLDER`: a file becomes rows of model inputs, their predictions one JSON
+    # object; a folder's files (those with `file_suffixes`) become one table of predictions with their paths.
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def add_predict_args(cls, group: argparse._ArgumentGroup) -> None:
+        """The task's own flags of `jobs/predict.py` (besides the model URI and the input path)."""
+
+    def prediction_rows(self, data: bytes, args: argparse.Namespace) -> Any:
+        """The pyfunc input rows (a DataFrame) for one input file's bytes, given the task's predict flags."""
+        raise NotImplementedError
+
+    def prediction_result(self, predictions: Any, args: argparse.Namespace) -> dict[str, Any]:
+        """The JSON answer for one input file, from the predictions of its `prediction_rows`."""
+        raise NotImplementedError
+
+    def folder_summary(self, table: Any) -> dict[str, Any]:
+        """What the JSON line says of a folder's table of predictions."""
+        return {"files": int(table["path"].nunique())}

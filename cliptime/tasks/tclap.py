@@ -1,6 +1,6 @@
 """T-CLAP: CLAP fine-tuned with a temporal-focused loss on mixed-up clips of two sound events in order.
 
-Shard schema (`AudioOrderTask.schema`), one row per clip:
+Shard schema (`TCLAPTask.schema`), one row per clip:
 
     audio        binary   mono 16-bit little-endian PCM (no header); length = clip_seconds * sample_rate
     sample_rate  int32    samples per second of `audio`
@@ -10,7 +10,9 @@ Shard schema (`AudioOrderTask.schema`), one row per clip:
     second       string   class of the second event ("" for single events)
     pair         int64    mixed clips: id shared by the A-B and the B-A clip of the same two instances; else -1
 
-The manifest's `source` records `sample_rate`, `clip_seconds` and the event `classes` with their labels.
+The manifest's `source` records `sample_rate`, `clip_seconds` and the event `classes` with their labels; a task
+resolved against it carries those classes in its config (`classes`), so zero-shot accuracy is scored against the
+shards' own classes wherever the task is rebuilt.
 
 Loss: the symmetric audio-text contrastive loss with CLAP's learnable logit scale, gathered across DDP workers
 (clips whose events match are all positives of each other), plus `temporal_weight` (lambda, 0.5 as in the paper)
@@ -27,10 +29,12 @@ an ablation, measured in benchmarks/quality.py: the contrastive loss alone alrea
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,11 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptime.config import option
+from cliptime.data import esc50
 from cliptime.data.generated import from_generator
-from cliptime.data.sound_events import EVENT_CLASSES, from_pcm16, generate_block, order_templates
+from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, from_pcm16, generate_block, order_templates
 from cliptime.errors import CliptimeError
 from cliptime.models.clap import CLAPEncoder, check_clap
-from cliptime.tasks.base import Batch, NumpyBatch, Task
+from cliptime.tasks.base import Batch, Converter, NumpyBatch, Task
 
 PAIRS_PER_BLOCK = 25
 # the settings that make the generated data set what it is (recorded in shard manifests)
@@ -63,8 +68,8 @@ GENERATED_DATA_FIELDS = (
 )
 
 
-@dataclass
-class AudioOrderConfig:
+@dataclass(frozen=True)
+class TCLAPConfig:
     data: str = option("", "Parquet shard directory from jobs/make_shards.py (default: generate the data)")
     train_pairs: int = option(500, "generated event pairs for training (each gives an A-B and a B-A clip)")
     train_singles: int = option(300, "generated single-event training clips")
@@ -92,9 +97,12 @@ class AudioOrderConfig:
     baseline: bool = option(
         True, "also train plain CLAP (lambda 0, no order pooling) on the same data and budget, to compare"
     )
+    classes: dict[str, str] = option(
+        {}, "event classes (key -> caption label) of the data; empty: the generator's twelve", flag=False
+    )
 
 
-class AudioOrderPreprocessor:
+class TCLAPPreprocessor:
     """Shard rows -> float waveforms of the model's length, token ids of caption and negative, event keys."""
 
     def __init__(self, encoder_args: dict, classes: list[str]):
@@ -157,10 +165,19 @@ def temporal_loss(
     return (loss * mixed).sum() / mixed.sum().clamp(min=1)
 
 
-class AudioOrderTask(Task):
+def convert_esc50(
+    esc_dir: Path, cfg: esc50.ESC50Config, scratch: Path, skip_bad: bool
+) -> tuple[dict[str, ray.data.Dataset], dict, list[str]]:
+    """An ESC-50-layout collection -> T-CLAP shard rows at the audio model's sample rate and clip length."""
+    audio = check_clap(cfg.audio_model, "transformer")["audio_cfg"]
+    return esc50.convert(esc_dir, cfg, audio["sample_rate"], audio["clip_samples"], TCLAPTask.schema, scratch, skip_bad)
+
+
+class TCLAPTask(Task):
     name = "tclap"
-    registered_model = "tclap"
-    Config = AudioOrderConfig
+    title = "T-CLAP"
+    aliases = ("sounds",)
+    Config = TCLAPConfig
     schema = pa.schema(
         [
             ("audio", pa.binary()),
@@ -175,11 +192,21 @@ class AudioOrderTask(Task):
     label_column = "first"
     monitor = "val/tclassify_a2t"
     train_defaults = {"epochs": 16, "batch_size": 32, "lr": 1e-3}
+    data_fields = ("data", *GENERATED_DATA_FIELDS, "audio_model", "text_model", "classes")
+    data_sizes = {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4, "test_singles": 4}
+    converters = {
+        "esc50": Converter(
+            esc50.ESC50Config,
+            "ESC_DIR",
+            "an ESC-50-layout sound collection (audio/*.wav, meta/esc50.csv)",
+            convert_esc50,
+        )
+    }
 
-    def __init__(self, cfg: AudioOrderConfig):
-        super().__init__(cfg)
-        self.classes = {k: v[0] for k, v in EVENT_CLASSES.items()}  # replaced by the shards' own classes
-        self.temporal_on = True  # off for the first --temporal-start of the epochs (see start_epoch)
+    @property
+    def event_classes(self) -> dict[str, str]:
+        """Event class key -> the label its captions use: the data's own, else the generator's."""
+        return dict(self.cfg.classes) or {k: v[0] for k, v in EVENT_CLASSES.items()}
 
     @property
     def model_audio(self) -> dict:
@@ -204,7 +231,8 @@ class AudioOrderTask(Task):
         if min(c.train_pairs, c.eval_pairs) < 1:
             raise CliptimeError("--train-pairs and --eval-pairs must be at least 1")
 
-    def check_manifest(self, manifest: dict) -> None:
+    def resolved(self, manifest: dict) -> TCLAPTask:
+        """The shards' own event classes, once their clips are checked against the model's rate and length."""
         source, want = manifest.get("source", {}), self.model_audio
         sr, seconds = source.get("sample_rate"), source.get("clip_seconds")
         if sr != want["sample_rate"]:
@@ -216,7 +244,7 @@ class AudioOrderTask(Task):
                 f"{self.cfg.data}: clips last {seconds} s, {self.cfg.audio_model} takes "
                 f"{want['clip_samples'] / want['sample_rate']:g} s"
             )
-        self.classes = dict(source.get("classes", self.classes))
+        return self.replace(classes=dict(source.get("classes", self.event_classes)))
 
     def source(self) -> dict:
         """What the generated data set is, for shard manifests."""
@@ -225,7 +253,7 @@ class AudioOrderTask(Task):
             "generator": "cliptime.data.sound_events",
             "sample_rate": a["sample_rate"],
             "clip_seconds": a["clip_samples"] / a["sample_rate"],
-            "classes": self.classes,
+            "classes": self.event_classes,
             **{k: v for k, v in dataclasses.asdict(self.cfg).items() if k in GENERATED_DATA_FIELDS},
         }
 
@@ -252,9 +280,9 @@ class AudioOrderTask(Task):
             out[split] = from_generator(generate_block, "block", list(range(blocks)), self.schema, **kwargs)
         return out
 
-    def preprocessor(self) -> AudioOrderPreprocessor:
+    def preprocessor(self) -> TCLAPPreprocessor:
         args = {"audio_model": self.cfg.audio_model, **self.model_audio}
-        return AudioOrderPreprocessor(args, list(self.classes))
+        return TCLAPPreprocessor(args, list(self.event_classes))
 
     def train_transform(self, batch: Batch) -> Batch:
         """A random gain per clip, -6 to +3 dB: order and content, not level, are what the captions describe."""
@@ -269,22 +297,29 @@ class AudioOrderTask(Task):
             c.audio_model, c.text_model, c.pretrained if load_pretrained else "", c.spec_time_drop, c.order_pooling
         )
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        self.temporal_on = epoch >= round(self.cfg.temporal_start * epochs)
+    def temporal_weight_at(self, epoch: int | None, epochs: int | None) -> float:
+        """Lambda in `epoch` of `epochs`: 0 for the first --temporal-start of the epochs, then --lambda (the
+        whole weight outside a run)."""
+        if epoch is not None and epoch < round(self.cfg.temporal_start * epochs):
+            return 0.0
+        return self.cfg.temporal_weight
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, model: nn.Module, batch: Batch, epoch: int | None = None, epochs: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         audio, pos, neg, scale = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
         lc = contrastive_loss(audio, pos, batch["key"], scale)
         lt = temporal_loss(audio, pos, neg, scale, (batch["second"] >= 0).float())
-        weight = self.cfg.temporal_weight if self.temporal_on else 0.0
-        return lc + weight * lt, {"contrastive_loss": lc, "temporal_loss": lt, "logit_scale": scale}
+        return lc + self.temporal_weight_at(epoch, epochs) * lt, {
+            "contrastive_loss": lc,
+            "temporal_loss": lt,
+            "logit_scale": scale,
+        }
 
-    def baseline(self) -> AudioOrderTask | None:
+    def baseline(self) -> TCLAPTask | None:
         if not self.cfg.baseline or self.cfg.temporal_weight == 0:
             return None
-        plain = AudioOrderTask(dataclasses.replace(self.cfg, temporal_weight=0.0, order_pooling=False, baseline=False))
-        plain.classes = self.classes
-        return plain
+        return self.replace(temporal_weight=0.0, order_pooling=False, baseline=False)
 
     # -- evaluation ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -297,7 +332,7 @@ class AudioOrderTask(Task):
                 rows[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
         r = {k: torch.cat(v) for k, v in rows.items()}
         device = next(model.parameters()).device
-        labels = list(self.classes.values())
+        labels = list(self.event_classes.values())
         _, label_emb, _ = model(None, model.tokenize(labels).to(device))
         metrics = tclassify(r["a"], r["t"], r["n"], r["pair"], r["second"] >= 0)
         metrics.update(retrieval(r["a"], r["t"], r["key"]))
@@ -361,6 +396,31 @@ class AudioOrderTask(Task):
             clips[i, : min(len(x), a["clip_samples"])] = x[: a["clip_samples"]]
         audio, text, _ = model(torch.from_numpy(clips).to(device), model.tokenize(list(inputs["caption"])).to(device))
         return pd.DataFrame({"caption": list(inputs["caption"]), "score": (audio * text).sum(-1).cpu().numpy()})
+
+    # -- prediction command ----------------------------------------------------------------------------------
+    file_suffixes = ("wav", "flac", "ogg")
+
+    @classmethod
+    def add_predict_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--captions", nargs="+", default=[], help="candidate captions to rank")
+        group.add_argument("--order", nargs=2, metavar=("A", "B"), help="two events: which plays first?")
+
+    def prediction_rows(self, data: bytes, args: argparse.Namespace) -> pd.DataFrame:
+        captions = args.captions
+        if args.order:
+            template = ORDER_TEMPLATES["basic"][0]
+            a, b = args.order
+            captions = [template.format(first=a, second=b), template.format(first=b, second=a)]
+        if not captions:
+            raise CliptimeError("give candidate captions with --captions, or two events with --order A B")
+        return pd.DataFrame({"audio": [data] * len(captions), "caption": captions})
+
+    def prediction_result(self, predictions: pd.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
+        result: dict[str, Any] = {"ranking": predictions.sort_values("score", ascending=False).to_dict("records")}
+        if args.order:
+            first_wins = predictions["score"].iloc[0] >= predictions["score"].iloc[1]
+            result["order"] = list(args.order) if first_wins else list(reversed(args.order))
+        return result
 
 
 def tclassify(audio, pos, neg, pair, mixed) -> dict[str, float]:

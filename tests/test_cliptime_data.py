@@ -13,7 +13,7 @@ from cliptime.data.fungal_growth import (
     stage_index,
 )
 from cliptime.errors import CliptimeError
-from cliptime.tasks.fungal import FungalTask
+from cliptime.tasks.cliptime import CLIPTimeTask
 
 KW = dict(frames=12, size=48, hours=(0.0, 72.0), template_set="generic")
 
@@ -28,7 +28,7 @@ def test_same_seed_same_bytes_other_seed_other_colony():
 
 def test_rows_fit_the_documented_schema_and_ranges():
     cols = generate_sequence(0, 2, **KW)
-    table = pa.table(cols, schema=FungalTask.schema)  # raises if a column or type is off
+    table = pa.table(cols, schema=CLIPTimeTask.schema)  # raises if a column or type is off
     assert table.num_rows == 12
     t = np.array(cols["t"])
     assert t[0] == 0.0 and t[-1] == 1.0 and np.all(np.diff(t) > 0)

@@ -1,6 +1,6 @@
 """CLIPTime on fungal growth: stage classification and timestamp regression from an image and its caption.
 
-Shard schema (`FungalTask.schema`), one row per photo:
+Shard schema (`CLIPTimeTask.schema`), one row per photo:
 
     image     binary   PNG (or JPEG) bytes, RGB
     stage     string   spore | hyphae | mycelium
@@ -18,9 +18,11 @@ time_weight * MSE`.
 
 from __future__ import annotations
 
+import argparse
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from PIL import Image
 from torch import nn
 
 from cliptime.config import option
+from cliptime.data import timelapse
 from cliptime.data.augment import FlipRotateCaptionDropout
 from cliptime.data.fungal_growth import (
     NEUTRAL_CAPTION,
@@ -51,11 +54,11 @@ from cliptime.models.open_clip_backbone import (
     image_size,
     tokenizer_for,
 )
-from cliptime.tasks.base import Batch, NumpyBatch, Task
+from cliptime.tasks.base import Batch, Converter, NumpyBatch, Task
 
 
-@dataclass
-class FungalConfig:
+@dataclass(frozen=True)
+class CLIPTimeConfig:
     data: str = option("", "Parquet shard directory from jobs/make_shards.py (default: generate the data)")
     sequences: int = option(60, "generated colonies (time-lapse sequences), split 70/15/15 by sequence")
     frames: int = option(100, "frames per generated sequence (frame i has t = i / (frames - 1))")
@@ -83,7 +86,7 @@ class FungalConfig:
 class CLIPTimeModel(nn.Module):
     """open_clip backbone + fusion + stage classifier + time head. Takes uint8 HWC images and token ids."""
 
-    def __init__(self, backbone: nn.Module, preprocess_cfg: dict, dim: int, cfg: FungalConfig):
+    def __init__(self, backbone: nn.Module, preprocess_cfg: dict, dim: int, cfg: CLIPTimeConfig):
         super().__init__()
         self.backbone = backbone
         self.image_size = image_size(cfg.model)
@@ -117,7 +120,7 @@ def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image)
 
 
-class FungalPreprocessor:
+class CLIPTimePreprocessor:
     """Shard rows -> uint8 images at the model's size, token ids, stage index, normalized time."""
 
     def __init__(self, model: str, image_size: tuple[int, int]):
@@ -132,10 +135,20 @@ class FungalPreprocessor:
         }
 
 
-class FungalTask(Task):
+def convert_timelapse(
+    photos_dir: Path, cfg: timelapse.TimelapseConfig, scratch: Path, skip_bad: bool
+) -> tuple[dict[str, ray.data.Dataset], dict, list[str]]:
+    """A time-lapse photo folder -> CLIPTime shard rows, photos at the model's input size (or --image-size)."""
+    check_backbone(cfg.model, "")
+    size = cfg.image_size or image_size(cfg.model)[0]
+    return timelapse.convert(photos_dir, cfg, size, CLIPTimeTask.schema, scratch, skip_bad)
+
+
+class CLIPTimeTask(Task):
     name = "cliptime"
-    registered_model = "cliptime-fungal"
-    Config = FungalConfig
+    title = "CLIPTime"
+    aliases = ("fungal",)
+    Config = CLIPTimeConfig
     schema = pa.schema(
         [
             ("image", pa.binary()),
@@ -150,6 +163,17 @@ class FungalTask(Task):
     label_column = "stage"
     monitor = "val/accuracy"
     train_defaults = {"epochs": 14, "batch_size": 64, "lr": 2e-3}
+    data_fields = ("data", "sequences", "frames", "image_size", "hours", "templates", "data_seed", "model")
+    data_sizes = {"sequences": 7, "frames": 10}
+    tiny_model = {"image_size": 32, "head_depth": 1, "ffn_dim": 64}
+    converters = {
+        "timelapse": Converter(
+            timelapse.TimelapseConfig,
+            "PHOTOS_DIR",
+            "a folder of time-lapse photos, one sub-folder per series",
+            convert_timelapse,
+        )
+    }
 
     # -- data ----------------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -184,10 +208,10 @@ class FungalTask(Task):
             "data_seed": c.data_seed,
         }
 
-    def check_manifest(self, manifest: dict) -> None:
+    def resolved(self, manifest: dict) -> CLIPTimeTask:
+        """The time range is the shards' own (a time-lapse folder's longest series, a generator's --hours)."""
         hours = manifest.get("source", {}).get("hours")
-        if hours is not None:
-            self.cfg.hours = (float(hours[0]), float(hours[1]))
+        return self if hours is None else self.replace(hours=(float(hours[0]), float(hours[1])))
 
     def generate(self) -> dict[str, ray.data.Dataset]:
         c = self.cfg
@@ -205,8 +229,8 @@ class FungalTask(Task):
             for split in ("train", "val", "test")
         }
 
-    def preprocessor(self) -> FungalPreprocessor:
-        return FungalPreprocessor(self.cfg.model, image_size(self.cfg.model))
+    def preprocessor(self) -> CLIPTimePreprocessor:
+        return CLIPTimePreprocessor(self.cfg.model, image_size(self.cfg.model))
 
     def augmenter(self) -> FlipRotateCaptionDropout:
         neutral = tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION]).numpy()[0]
@@ -218,7 +242,9 @@ class FungalTask(Task):
         backbone, preprocess_cfg = create_backbone(c.model, c.pretrained if load_pretrained else "")
         return CLIPTimeModel(backbone, preprocess_cfg, embed_dim(c.model), c)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, model: nn.Module, batch: Batch, epoch: int | None = None, epochs: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, t_pred = model(batch["image"], batch["tokens"])
         cls = F.cross_entropy(logits, batch["stage"])
         reg = F.mse_loss(t_pred.float(), batch["t"])
@@ -319,3 +345,19 @@ class FungalTask(Task):
         for i, name in enumerate(STAGES):
             out[f"prob_{name}"] = probs[:, i].astype(np.float64)
         return out
+
+    # -- prediction command ----------------------------------------------------------------------------------
+    file_suffixes = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp")
+
+    @classmethod
+    def add_predict_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--caption", default="", help="the photo's description (default: a stage-neutral one)")
+
+    def prediction_rows(self, data: bytes, args: argparse.Namespace) -> pd.DataFrame:
+        return pd.DataFrame({"image": [data], "caption": [args.caption]})
+
+    def prediction_result(self, predictions: pd.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
+        return predictions.iloc[0].to_dict()
+
+    def folder_summary(self, table: pd.DataFrame) -> dict[str, Any]:
+        return {"images": len(table), "stages": table["stage"].value_counts().to_dict()}

@@ -1,0 +1,146 @@
+"""The one job shell: prepare the data -> fit -> test -> register.
+
+A training job is one run of the task through `fit_and_test`, plus, for a task that has one, its baseline as an
+ordinary second run of the same shell on the same prepared data (an MLflow child run); then the figures, and
+the task's model registered under the task's name. Sweeps use the same pieces (see cliptime.tune).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import mlflow
+import ray.train
+from mlflow.tracking import MlflowClient
+
+from cliptime import evaluate, tracking, train
+from cliptime.config import TrainConfig, flat_params, from_dict
+from cliptime.errors import CliptimeError
+from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
+from cliptime.runtime import Storage, init_ray
+from cliptime.tasks import make_task, task_ref
+from cliptime.tasks.base import Task
+
+RUN_RECORD = "cliptime_run.json"  # beside Ray's own files in STORAGE/NAME: what --resume needs
+
+
+@dataclass
+class JobResult:
+    """The job's JSON line."""
+
+    task: str
+    run_id: str
+    run_name: str
+    model_name: str | None
+    model_version: str | None
+    metrics: dict[str, float]
+    checkpoint: str
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    result: ray.train.Result  # the last checkpoint and the last epoch's metrics
+    test_metrics: dict[str, float]
+    outputs: dict[str, Any]  # what the task's figures are drawn from
+
+
+def open_run(storage: Storage, client: MlflowClient, task: Task, tc: TrainConfig, name: str, parent: str = "") -> str:
+    """The MLflow run of Ray Train run `name`: the one its record names (a resumed run), else a new one, whose
+    record (configs and run ids) is written before any training."""
+    saved = storage.read(name, RUN_RECORD)
+    if saved is not None:
+        return saved["mlflow_run_id"]
+    tags = {"cliptime.task": task.name, **({"mlflow.parentRunId": parent} if parent else {})}
+    run_id = client.create_run(tracking.experiment_id(client, tc.experiment), run_name=name, tags=tags).info.run_id
+    client.log_batch(
+        run_id,
+        params=[
+            mlflow.entities.Param(k, str(v))
+            for k, v in {**flat_params("task", task.cfg), **flat_params("train", tc)}.items()
+        ],
+    )
+    record = {"task": task_ref(task), "task_config": asdict(task.cfg), "train_config": asdict(tc)}
+    storage.write(
+        name, RUN_RECORD, {**record, "mlflow_run_id": run_id, **({"parent_run_id": parent} if parent else {})}
+    )
+    return run_id
+
+
+def fit_and_test(
+    task: Task, tc: TrainConfig, data: PreparedData, name: str, storage: Storage, uri: str, parent: str = ""
+) -> RunOutcome:
+    """Train `task` on the prepared data as run `name` (resumed if its storage holds checkpoints), log every epoch
+    to its MLflow run, and evaluate its last checkpoint on the test split. The MLflow run is marked FAILED if
+    anything here fails."""
+    client = MlflowClient(uri)
+    run_id = open_run(storage, client, task, tc, name, parent)
+    try:
+        result = train.fit(
+            task,
+            tc,
+            training_datasets(data, task, tc.seed),
+            steps_per_epoch(data, tc.batch_size),
+            name,
+            storage.uri,
+            [tracking.EpochLogger(uri, run_id)],
+        )
+        tracking.log_missing_epochs(client, run_id, train.read_history(result.checkpoint))
+        metrics, outputs = evaluate.test(task, tc, result.checkpoint, data.splits["test"])
+        tracking.log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()})
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    return RunOutcome(run_id, result, metrics, outputs)
+
+
+def run(task: Task, tc: TrainConfig) -> JobResult:
+    """Check the inputs, train (and the task's baseline, if any), test, log everything and register the model."""
+    uri = tracking.tracking_uri()
+    storage = Storage(tc.storage_path)
+    if tc.resume:
+        name, saved = storage.find(tc.resume, RUN_RECORD, what=f"{task.name} run", prefix=f"{task.name}-")
+        task = make_task(saved["task"], saved["task_config"])
+        tc = from_dict(TrainConfig, {**saved["train_config"], "resume": tc.resume})
+        print(f"resuming {name} (MLflow run {saved['mlflow_run_id']}) with its saved configuration", flush=True)
+    else:
+        name = tc.name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        if storage.read(name, RUN_RECORD) is not None:
+            raise CliptimeError(f"--name {name}: a run of that name exists; continue it with --resume {name}")
+    tc.check()
+    task.check()
+    tracking.check_reachable(uri)
+    init_ray(tc.num_workers * tc.cpus_per_worker)
+    data = prepare(task)
+    task = data.task
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    main = fit_and_test(task, tc, data, name, storage, uri)
+    metrics = {f"test/{k}": v for k, v in main.test_metrics.items()}
+    baseline_outputs = None
+    if (baseline := task.baseline()) is not None:
+        base = fit_and_test(baseline, tc, data, f"{name}-baseline", storage, uri, parent=main.run_id)
+        client.set_terminated(base.run_id)
+        baseline_outputs = base.outputs
+        metrics.update({f"baseline/test/{k}": v for k, v in base.test_metrics.items()})
+    with mlflow.start_run(run_id=main.run_id):  # FINISHED when the block ends, FAILED if it raises
+        tracking.log_metrics(client, main.run_id, {k: v for k, v in metrics.items() if k.startswith("baseline/")})
+        tracking.log_figures(main.run_id, task.figures(main.outputs, baseline_outputs), client)
+        model = train.load_checkpoint_model(task, main.result.checkpoint)
+        version = tracking.log_and_register(
+            task, model, tc.register, tags={"run_name": name, **{k: f"{v:.4f}" for k, v in metrics.items()}}
+        )
+    validation = {k: v for k, v in (main.result.metrics or {}).items() if k.startswith("val/")}
+    return JobResult(
+        task=task.name,
+        run_id=main.run_id,
+        run_name=name,
+        model_name=task.name if version else None,
+        model_version=version,
+        metrics={**validation, **metrics},
+        checkpoint=main.result.checkpoint.path,
+    )

@@ -1,0 +1,63 @@
+"""From a task's data to what its training workers read: prepared once, viewed per run.
+
+    shards (checked) or the task's generator -> decode once (map_batches, materialized)  = PreparedData
+      -> per run: the train split shuffled by block and augmented anew each epoch        = training_datasets
+
+A sweep prepares its data once on the driver and hands the prepared splits to every trial; each trial only adds
+its own shuffling and augmentation, which are lazy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray.data
+
+from cliptime.data.shards import open_shards
+from cliptime.errors import CliptimeError
+from cliptime.tasks.base import Task
+
+DECODE_BATCH = 64  # rows per decode call; blocks of this size are also the unit of the per-epoch block shuffle
+
+
+@dataclass
+class PreparedData:
+    task: Task  # resolved against the data (class names, time range from the shards' manifest)
+    splits: dict[str, ray.data.Dataset]  # model-ready arrays per split, materialized in the object store
+    rows: dict[str, int]
+
+
+def prepare(task: Task) -> PreparedData:
+    """Read the task's shards (every shard checked first) or generate its data, then decode every split once."""
+    if task.cfg.data:
+        raw, manifest = open_shards(task.cfg.data, task.name, task.schema)
+        task = task.resolved(manifest)
+    else:
+        raw = task.generate()
+    decode = task.preprocessor()
+    splits = {
+        split: ds.map_batches(decode, batch_format="numpy", batch_size=DECODE_BATCH).materialize()
+        for split, ds in raw.items()
+    }
+    return PreparedData(task, splits, {split: ds.count() for split, ds in splits.items()})
+
+
+def steps_per_epoch(data: PreparedData, batch_size: int) -> int:
+    """Optimizer steps in one epoch of the train split at global batch `batch_size`."""
+    steps = data.rows["train"] // batch_size
+    if steps == 0:
+        raise CliptimeError(f"the train split has {data.rows['train']} rows, fewer than --batch-size {batch_size}")
+    return steps
+
+
+def training_datasets(data: PreparedData, task: Task, seed: int) -> dict[str, ray.data.Dataset]:
+    """The datasets a run's workers read: the train split in a new seeded block order each epoch, augmented by
+    `task` (the run's own settings); the validation split as prepared.
+
+    Rows are further mixed by each worker's local shuffle buffer (see cliptime.train): a batch mixes many
+    sequences and pairs without the cost of a global shuffle."""
+    train = data.splits["train"].randomize_block_order(seed=seed)
+    augment = task.augmenter()
+    if augment is not None:
+        train = train.map_batches(augment, batch_format="numpy")
+    return {"train": train, "val": data.splits["val"]}

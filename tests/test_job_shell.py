@@ -1,0 +1,91 @@
+"""The one job shell, end to end in-process on a toy task whose answer is known: its data made once, trained,
+tested, registered once, resumed, predicted; and the run records `--resume` reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cliptime import job
+from cliptime.cli import predict_main
+from cliptime.errors import CliptimeError
+from cliptime.runtime import Storage
+from tests.conftest import registered_versions
+from tests.toy_task import ToyConfig, ToyTask
+
+
+@pytest.fixture(scope="module")
+def toy_run(ray_session, migrated_store_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    shutil.copy(migrated_store_file, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    task = ToyTask(ToyConfig(generate_log=str(root / "generated.log")))
+    tc = ToyTask.train_config(storage_path=str(root / "ray_results"), experiment="test-toy")
+    result = job.run(task, tc)
+    yield result, task, tc, uri, root
+    mp.undo()
+
+
+def test_the_job_learns_what_the_data_say(toy_run):
+    result, _, _, uri, _ = toy_run
+    assert result.metrics["test/accuracy"] >= 0.85  # chance is 0.5
+    assert result.model_name == "toy" and [str(v.version) for v in registered_versions(uri, "toy")] == ["1"]
+    client = MlflowClient(uri)
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "val/accuracy")) == [0, 1, 2]
+    assert client.get_run(result.run_id).data.params["train.lr"] == "0.01"  # the task's preset, not TrainConfig's
+
+
+def test_the_data_are_made_once(toy_run):
+    *_, root = toy_run
+    lines = (root / "generated.log").read_text().splitlines()
+    assert sorted(lines) == sorted(["train 0", "train 1", "train 2", "train 3", "val 0", "test 0"])
+
+
+def test_a_finished_run_resumed_keeps_its_one_version(toy_run, monkeypatch):
+    result, task, tc, uri, root = toy_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    resumed = job.run(ToyTask(ToyConfig()), ToyTask.train_config(resume="latest", storage_path=tc.storage_path))
+    assert (resumed.run_id, resumed.model_version) == (result.run_id, result.model_version)
+    assert [str(v.version) for v in registered_versions(uri, "toy")] == ["1"]
+    history = MlflowClient(uri).get_metric_history(result.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]  # no epoch trained or logged twice
+
+
+def test_a_name_in_use_is_refused_with_the_command_to_continue(toy_run):
+    result, task, tc, *_ = toy_run
+    with pytest.raises(CliptimeError, match=f"--resume {result.run_name}"):
+        job.run(task, ToyTask.train_config(name=result.run_name, storage_path=tc.storage_path))
+
+
+def test_predict_loads_the_registered_model_and_answers(toy_run, monkeypatch, tmp_path, capsys):
+    _, _, _, uri, _ = toy_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    np.save(tmp_path / "x.npy", np.array([3.0, -3.0, 0.0, 0.0]))
+    assert predict_main(["models:/toy/1", str(tmp_path / "x.npy")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label"] == "first"
+    assert predict_main(["models:/toy/1", str(tmp_path / "x.npy"), "--order", "a", "b"]) == 2
+    assert "is a Toy model: --order is for T-CLAP" in capsys.readouterr().err
+
+
+# -- run records ----------------------------------------------------------------------------------------------
+def test_records_are_replaced_whole_and_latest_skips_baselines(tmp_path):
+    storage = Storage(str(tmp_path))
+    storage.write("tclap-1", "run.json", {"mlflow_run_id": "a"})
+    storage.write("tclap-1-baseline", "run.json", {"mlflow_run_id": "b", "parent_run_id": "a"})
+    storage.write("tclap-1", "run.json", {"mlflow_run_id": "a", "again": True})
+    assert sorted(p.name for p in (tmp_path / "tclap-1").iterdir()) == ["run.json"]  # no temporary left
+    assert storage.find("latest", "run.json", what="tclap run", prefix="tclap-") == (
+        "tclap-1",
+        {"mlflow_run_id": "a", "again": True},
+    )
+    (tmp_path / "tclap-1" / "run.json").write_text('{"mlflow_run_id": ')
+    with pytest.raises(CliptimeError, match="run.json is not valid JSON"):
+        storage.read("tclap-1", "run.json")
+    with pytest.raises(CliptimeError, match="--resume nope: no such tclap run"):
+        storage.find("nope", "run.json", what="tclap run", prefix="tclap-")
