@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cliptime.train import free_port
+from cliptime.runtime import free_port
 from tests.conftest import ROOT, ray_start, ray_stop, registered_versions
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -82,6 +82,6 @@ def test_two_node_cluster_syncs_ddp_across_nodes_and_runs_the_job(mlflow_store, 
         )
         assert job.returncode == 0, job.stderr[-3000:]
         result = json.loads(job.stdout.strip().splitlines()[-1])
-        assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime-fungal")}
+        assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime")}
     finally:
         ray_stop(head, node)

@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cliptime.train import free_port
+from cliptime.runtime import free_port
 from tests.conftest import ROOT, ray_start, ray_stop, registered_versions, run_job
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,7 @@ def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, t
     steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "train/loss"))
     assert steps == [0, 1, 2, 3]  # every epoch once: none lost, none logged twice
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
-    assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime-fungal")}
+    assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime")}
 
 
 def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
@@ -125,8 +125,8 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
             time.sleep(2)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
-        assert result["model_name"] == "cliptime-fungal" and result["model_version"] == "1"
-        assert registered_versions(store, "cliptime-fungal")
+        assert result["model_name"] == "cliptime" and result["model_version"] == "1"
+        assert registered_versions(store, "cliptime")
     finally:
         ray_stop(head)
 
@@ -135,29 +135,20 @@ def test_interrupted_sweep_resumes_and_finishes_the_remaining_trials(mlflow_stor
     import yaml
 
     spec = {
-        "task": "cliptime",
+        "task": "tests.toy_task:ToyTask",  # the toy task's trials take seconds: this tests the sweep, not a model
         "metric": "val/accuracy",
         "mode": "max",
         "num_samples": 2,
         "max_concurrent": 1,
         "seed": 1,
         "scheduler": {"type": "fifo"},
-        "fixed": {
-            "epochs": 2,
-            "sequences": 7,
-            "frames": 10,
-            "image_size": 32,
-            "head_depth": 1,
-            "ffn_dim": 64,
-            "batch_size": 16,
-            "cpus_per_worker": 1,
-        },
+        "fixed": {"epochs": 3},
         "space": {"lr": {"loguniform": [0.001, 0.003]}},
     }
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(spec))
     storage = tmp_path / "rr"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PYTHONPATH": str(ROOT)}  # tests.toy_task, for Ray too
     cmd = [
         sys.executable,
         str(ROOT / "jobs" / "tune.py"),
@@ -177,7 +168,7 @@ def test_interrupted_sweep_resumes_and_finishes_the_remaining_trials(mlflow_stor
         str(storage),
         "--experiment",
         "e2e-sweep-resume",
-        env={"MLFLOW_TRACKING_URI": mlflow_store},
+        env={"MLFLOW_TRACKING_URI": mlflow_store, "PYTHONPATH": str(ROOT)},
         cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]

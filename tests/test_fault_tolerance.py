@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cliptime import train
+from cliptime import job
 from cliptime.config import TrainConfig
 from cliptime.tasks import make_task
 
@@ -52,11 +52,11 @@ def config(storage: Path, name: str) -> TrainConfig:
 
 
 def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run(ray_session, tracking, tmp_path):
-    reference = train.run(make_task("cliptime", TINY), config(tmp_path, "uninterrupted"))
+    reference = job.run(make_task("cliptime", TINY), config(tmp_path, "uninterrupted"))
 
     outcome: dict = {}
     runner = threading.Thread(
-        target=lambda: outcome.update(result=train.run(make_task("cliptime", TINY), config(tmp_path, "killed")))
+        target=lambda: outcome.update(result=job.run(make_task("cliptime", TINY), config(tmp_path, "killed")))
     )
     runner.start()
     deadline = time.time() + 600

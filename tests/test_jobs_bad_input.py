@@ -1,16 +1,18 @@
-"""Bad input through the real job scripts: one line naming the input, exit 2, nothing registered."""
+"""Bad input through the jobs' own entry points (in-process, on the shared Ray): one line naming the input,
+exit 2, nothing registered. `tests/test_e2e_jobs.py` runs the scripts themselves."""
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import registered_versions, run_job
+from cliptime.cli import make_shards_main, train_main
+from tests.conftest import registered_versions
 
 
-def assert_clean_failure(proc, named: str, uri: str, model: str):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and named in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def assert_clean_failure(code: int, err: str, named: str, uri: str, model: str):
+    assert code == 2, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and named in lines[0], err[-2000:]
+    assert "Traceback" not in err
     assert registered_versions(uri, model) == []
 
 
@@ -24,31 +26,25 @@ def assert_clean_failure(proc, named: str, uri: str, model: str):
         (["--data", "/no/such/shards"], "/no/such/shards"),
         (["--placement-strategy", "EVERYWHERE"], "--placement-strategy 'EVERYWHERE'"),
         (["--batch-size", "64", "--grad-accum", "3"], "--grad-accum 3"),
+        (["--epochs", "0"], "--epochs 0"),
+        (["--num-workers", "0"], "--num-workers 0"),
     ],
 )
-def test_cliptime_rejects_bad_settings(args, named, empty_store, tmp_path):
-    proc = run_job(
-        "train_cliptime.py",
-        *args,
-        "--storage-path",
-        str(tmp_path / "rr"),
-        env={"MLFLOW_TRACKING_URI": empty_store},
-        timeout=300,
-    )
-    assert_clean_failure(proc, named, empty_store, "cliptime-fungal")
+def test_cliptime_rejects_bad_settings(args, named, ray_session, empty_store, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
+    code = train_main("cliptime", "", [*args, "--storage-path", str(tmp_path / "rr")])
+    assert_clean_failure(code, capsys.readouterr().err, named, empty_store, "cliptime")
 
 
 @pytest.fixture(scope="module")
-def fungal_shards(tmp_path_factory):
+def fungal_shards(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("fungal") / "shards"
-    proc = run_job("make_shards.py", "fungal", str(out), "--sequences", "7", "--frames", "4", "--image-size", "32")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '"out_dir"' in proc.stdout.strip().splitlines()[-1]
+    assert make_shards_main(["fungal", str(out), "--sequences", "7", "--frames", "4", "--image-size", "32"]) == 0
     return out
 
 
 @pytest.mark.parametrize("damage", ["truncate", "drop_column"])
-def test_cliptime_rejects_damaged_shards(damage, fungal_shards, empty_store, tmp_path):
+def test_cliptime_rejects_damaged_shards(damage, fungal_shards, empty_store, monkeypatch, tmp_path, capsys):
     import shutil
 
     data = shutil.copytree(fungal_shards, tmp_path / "data")
@@ -57,13 +53,7 @@ def test_cliptime_rejects_damaged_shards(damage, fungal_shards, empty_store, tmp
         victim.write_bytes(victim.read_bytes()[:-100])
     else:
         pq.write_table(pq.read_table(victim).drop_columns(["caption"]), victim)
-    proc = run_job(
-        "train_cliptime.py",
-        "--data",
-        str(data),
-        "--storage-path",
-        str(tmp_path / "rr"),
-        env={"MLFLOW_TRACKING_URI": empty_store},
-        timeout=300,
-    )
-    assert_clean_failure(proc, str(victim), empty_store, "cliptime-fungal")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
+    capsys.readouterr()
+    code = train_main("cliptime", "", ["--data", str(data), "--storage-path", str(tmp_path / "rr")])
+    assert_clean_failure(code, capsys.readouterr().err, str(victim), empty_store, "cliptime")

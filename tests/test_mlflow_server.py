@@ -9,19 +9,19 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
 
 import mlflow
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+from cliptime import job
 from cliptime import tracking as cliptime_tracking
-from cliptime import train
+from cliptime.cli import train_main
 from cliptime.config import TrainConfig
+from cliptime.runtime import free_port
 from cliptime.tasks import make_task
-from cliptime.train import free_port
-from tests.conftest import registered_versions, run_job
+from tests.conftest import registered_versions
 
 TINY = {"sequences": 7, "frames": 10, "image_size": 32, "head_depth": 1, "ffn_dim": 64}
 
@@ -56,35 +56,36 @@ def mlflow_server(tmp_path_factory):
     server.wait(timeout=60)
 
 
-def test_unreachable_server_is_named_in_one_line_before_training(tmp_path):
+def test_unreachable_server_is_named_in_one_line_before_training(monkeypatch, tmp_path, capsys):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    proc = run_job("train_cliptime.py", env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2
-    assert (
-        proc.stderr.strip().splitlines()[-1] == f"error: MLflow tracking server {uri} is unreachable (ConnectionError)"
-    )
-    assert "epoch" not in proc.stdout and not list(tmp_path.iterdir())  # nothing trained, nothing written
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert train_main("cliptime", "", ["--storage-path", str(tmp_path / "rr")]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == f"error: MLflow tracking server {uri} is unreachable (ConnectionError)"
+    assert "epoch" not in out and not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 def test_job_logs_and_registers_through_the_server(ray_session, mlflow_server, monkeypatch, tmp_path, capfd):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-s3cret")  # sent to the server, never logged or printed
     tc = TrainConfig(epochs=1, batch_size=16, cpus_per_worker=1, storage_path=str(tmp_path), experiment="server")
-    result = train.run(make_task("cliptime", TINY), tc)
+    result = job.run(make_task("cliptime", TINY), tc)
     client = MlflowClient(mlflow_server)
     assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [0]
     run = client.get_run(result.run_id)
     logged = json.dumps(
-        [run.data.params, run.data.tags, [dict(v.tags) for v in registered_versions(mlflow_server, "cliptime-fungal")]]
+        [run.data.params, run.data.tags, [dict(v.tags) for v in registered_versions(mlflow_server, "cliptime")]]
     )
     assert "s3cret" not in logged and "s3cret" not in "".join(capfd.readouterr())
-    assert result.model_version in {str(v.version) for v in registered_versions(mlflow_server, "cliptime-fungal")}
+    assert result.model_version in {str(v.version) for v in registered_versions(mlflow_server, "cliptime")}
     mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pyfunc.load_model(f"models:/cliptime-fungal/{result.model_version}")  # artifacts via the server
+    model = mlflow.pyfunc.load_model(f"models:/cliptime/{result.model_version}")  # artifacts via the server
     task = make_task("cliptime", TINY)
     assert set(model.predict(task.input_example()).columns) >= {"stage", "hours"}
 
 
+@pytest.mark.slow
 def test_concurrent_registrations_lose_no_version(mlflow_server, monkeypatch):
     """Sweep trials finish together: several runs register the same model name at once."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -98,9 +99,7 @@ def test_concurrent_registrations_lose_no_version(mlflow_server, monkeypatch):
     def register(i: int) -> None:
         try:
             with mlflow.start_run(experiment_id=experiment, run_name=f"trial-{i}"):
-                versions.append(
-                    cliptime_tracking.log_and_register(task, model, asdict(task.cfg), True, {"trial": str(i)})[1]
-                )
+                versions.append(cliptime_tracking.log_and_register(task, model, True, {"trial": str(i)}))
         except Exception as e:  # reported below: a lost registration fails the test
             errors.append(repr(e))
 

@@ -124,9 +124,9 @@ def test_generic_modules_name_no_task(path):
     names = {*TASKS, *ALIASES, *(kind for cls in TASKS.values() for kind in cls.converters)}
     names |= {cls.title for cls in TASKS.values()} | {cls.__name__ for cls in TASKS.values()}
     names.discard("cliptime")  # also the project's name: its package, its default MLflow experiment
-    strings = {
-        node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
-    } | {node.id for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Name)}
+    strings = {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)} | {
+        node.id for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Name)
+    }
     assert not names & strings, f"{path.name} names {sorted(names & strings)}"
 
 

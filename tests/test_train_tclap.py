@@ -1,25 +1,26 @@
-"""A short T-CLAP run with its plain-CLAP baseline on the shared Ray instance, registered in MLflow."""
+"""T-CLAP end to end in-process on the shared Ray instance: train with its plain-CLAP baseline -> register ->
+predict."""
 
 import io
 
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 import soundfile as sf
 from mlflow.tracking import MlflowClient
 
-from cliptime import train
-from cliptime.config import TrainConfig
-from cliptime.tasks import make_task
+from cliptime import job
+from cliptime.tasks.tclap import TCLAPTask
 from tests.conftest import registered_versions
 
-TINY = {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4, "test_singles": 4}
+pytestmark = pytest.mark.slow
 
 
 def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path):
     # two micro-batches of 4 per optimizer step: the gradient-accumulation path
-    tc = TrainConfig(epochs=1, batch_size=8, grad_accum=2, storage_path=str(tmp_path), experiment="test-tclap")
-    result = train.run(make_task("tclap", TINY), tc)
+    tc = TCLAPTask.train_config(epochs=1, batch_size=8, grad_accum=2, storage_path=str(tmp_path), experiment="t")
+    result = job.run(TCLAPTask.tiny(), tc)
     assert result.model_name == "tclap"
     assert result.model_version in {str(v.version) for v in registered_versions(tracking, "tclap")}
     for key in (
@@ -30,7 +31,7 @@ def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path
         "baseline/test/tclassify_a2t",
         "baseline/test/zeroshot_accuracy",
     ):
-        assert 0.0 <= result.metrics[key] <= 1.0, key
+        assert np.isfinite(result.metrics[key]), key
 
     client = MlflowClient(tracking)
     run = client.get_run(result.run_id)

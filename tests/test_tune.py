@@ -7,9 +7,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cliptime.cli import tune_main
 from cliptime.errors import CliptimeError
 from cliptime.tune import load_spec, promote_champion, sweep
-from tests.conftest import ROOT, run_job
+from tests.conftest import ROOT
 
 TINY_FIXED = {
     "epochs": 1,
@@ -58,6 +59,7 @@ def test_shipped_spaces_are_valid(name):
         ({"fixed": {"epochz": 2}}, "fixed.epochz is not"),
         ({"task": "video"}, "task 'video'"),
         ({"scheduler": {"type": "hyperband"}}, "scheduler.type 'hyperband'"),
+        ({"space": {"frames": {"int": [10, 20]}}}, "space.frames decides the data"),
     ],
 )
 def test_malformed_space_names_the_key(tmp_path, overrides, named):
@@ -65,11 +67,26 @@ def test_malformed_space_names_the_key(tmp_path, overrides, named):
         load_spec(write_spec(tmp_path, **overrides))
 
 
-def test_malformed_space_fails_before_ray_starts(tmp_path):
+def test_malformed_space_fails_before_ray_starts(tmp_path, capsys):
+    import ray
+
     path = write_spec(tmp_path, space={"lr": {"uniform": [1, 0]}})
-    proc = run_job("tune.py", str(path), "--storage-path", str(tmp_path / "rr"), timeout=120)
-    assert proc.returncode == 2 and "space.lr" in proc.stderr and "Traceback" not in proc.stderr
-    assert "Started a local Ray instance" not in proc.stderr
+    was_up = ray.is_initialized()
+    assert tune_main([str(path), "--storage-path", str(tmp_path / "rr")]) == 2
+    err = capsys.readouterr().err
+    assert "space.lr" in err and "Traceback" not in err
+    assert ray.is_initialized() == was_up
+
+
+def test_a_sweep_prepares_one_data_set_per_data_choice(tmp_path):
+    spec = load_spec(
+        write_spec(
+            tmp_path, space={"templates": {"choice": ["generic", "detailed"]}, "lr": {"loguniform": [0.001, 0.003]}}
+        )
+    )
+    assert spec.data_variants() == [{"templates": "generic"}, {"templates": "detailed"}]
+    assert spec.data_variant({"templates": "detailed", "lr": 0.002, "frames": 10}) == (("templates", "detailed"),)
+    assert load_spec(write_spec(tmp_path)).data_variants() == [{}]
 
 
 def test_bad_yaml_is_named(tmp_path):
@@ -79,6 +96,7 @@ def test_bad_yaml_is_named(tmp_path):
         load_spec(path)
 
 
+@pytest.mark.slow
 def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, empty_store, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
     result = sweep(str(write_spec(tmp_path)), str(tmp_path / "rr"), "test-sweeps")
@@ -91,22 +109,44 @@ def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, empty
     assert all(client.get_metric_history(c.info.run_id, "val/accuracy") for c in children)
     plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
     assert "plots/optuna_history.png" in plots
-    version = client.get_model_version("cliptime-fungal", result["model_version"])
+    version = client.get_model_version("cliptime", result["model_version"])
     assert float(version.tags["sweep.val/accuracy"]) == pytest.approx(result["best_value"])
 
     # A later model that does worse does not take the alias; one that does better does.
-    champion = client.get_model_version_by_alias("cliptime-fungal", "champion")
+    champion = client.get_model_version_by_alias("cliptime", "champion")
     crowned = float(champion.tags["sweep.val/accuracy"])
-    worse = client.create_model_version("cliptime-fungal", champion.source, champion.run_id)
-    moved, before = promote_champion(client, "cliptime-fungal", worse.version, "val/accuracy", crowned - 0.1, "max")
+    worse = client.create_model_version("cliptime", champion.source, champion.run_id)
+    moved, before = promote_champion(client, "cliptime", worse.version, "val/accuracy", crowned - 0.1, "max")
     assert not moved and before == pytest.approx(crowned)
-    assert client.get_model_version_by_alias("cliptime-fungal", "champion").version == champion.version
-    assert client.get_model_version("cliptime-fungal", worse.version).tags["sweep.champion_before"] == str(before)
-    better = client.create_model_version("cliptime-fungal", champion.source, champion.run_id)
-    assert promote_champion(client, "cliptime-fungal", better.version, "val/accuracy", 1.01, "max")[0]
-    assert client.get_model_version_by_alias("cliptime-fungal", "champion").version == better.version
+    assert client.get_model_version_by_alias("cliptime", "champion").version == champion.version
+    assert client.get_model_version("cliptime", worse.version).tags["sweep.champion_before"] == str(before)
+    better = client.create_model_version("cliptime", champion.source, champion.run_id)
+    assert promote_champion(client, "cliptime", better.version, "val/accuracy", 1.01, "max")[0]
+    assert client.get_model_version_by_alias("cliptime", "champion").version == better.version
 
 
+@pytest.mark.slow
+def test_a_toy_sweep_makes_its_data_once(ray_session, empty_store, monkeypatch, tmp_path):
+    """Two trials and the best one's test use the data made once on the driver: each block generated once."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
+    log = tmp_path / "generated.log"
+    path = tmp_path / "toy.yaml"
+    spec = {
+        "task": "tests.toy_task:ToyTask",
+        "metric": "val/accuracy",
+        "num_samples": 2,
+        "scheduler": {"type": "fifo"},
+        "fixed": {"epochs": 2, "generate_log": str(log)},
+        "space": {"hidden": {"choice": [4, 16]}},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    result = sweep(str(path), str(tmp_path / "rr"), "test-toy-sweeps")
+    assert result["finished_trials"] == 2 and result["prepared_data_sets"] == 1
+    assert len(log.read_text().splitlines()) == 6  # 4 train blocks, 1 val, 1 test: once
+    assert result["test_metrics"]["accuracy"] >= 0.85  # chance is 0.5
+
+
+@pytest.mark.slow
 def test_a_killed_trial_gives_its_workers_cpus_back(ray_session, tmp_path):
     """ASHA stops a trial by killing its actor, and with it the Train controller it owns. Ray Train's detached
     placement-group cleaner must then free the workers' CPUs (it asks the dashboard's state API, which our

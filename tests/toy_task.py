@@ -66,7 +66,13 @@ class ToyTask(Task):
         blocks = {"train": 4, "val": 1, "test": 1}
         return {
             split: from_generator(
-                make_rows, "block", list(range(n)), self.schema, seed=c.data_seed, split=split, rows=c.rows,
+                make_rows,
+                "block",
+                list(range(n)),
+                self.schema,
+                seed=c.data_seed,
+                split=split,
+                rows=c.rows,
                 log=c.generate_log,
             )
             for split, n in blocks.items()
