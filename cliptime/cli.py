@@ -176,7 +176,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         path = Path(args.input)
         if not path.exists():
             raise CliptimeError(f"input {path} does not exist")
-        model, task = predict.load(args.model)
+        task, model = predict.load(args.model)
         for other, defaults in task_flags.items():
             given = ["--" + k.replace("_", "-") for k, v in defaults.items() if getattr(args, k) != v]
             if other != task.name and given:
@@ -184,6 +184,6 @@ def predict_main(argv: list[str] | None = None) -> int:
                 raise CliptimeError(
                     f"{args.model} is a {task.title} model: {' and '.join(given)} {verb} for {TASKS[other].title}"
                 )
-        return predict.predict(args.model, model, task, path, args)
+        return predict.predict(args.model, task, model, path, args)
 
     return run_job(job)

@@ -16,7 +16,7 @@ import mlflow
 import ray.train
 from mlflow.tracking import MlflowClient
 
-from cliptime import evaluate, tracking, train
+from cliptime import evaluate, registry, tracking, train
 from cliptime.config import TrainConfig, flat_params, from_dict
 from cliptime.errors import CliptimeError
 from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
@@ -131,7 +131,7 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
         tracking.log_metrics(client, main.run_id, {k: v for k, v in metrics.items() if k.startswith("baseline/")})
         tracking.log_figures(main.run_id, task.figures(main.outputs, baseline_outputs), client)
         model = train.load_checkpoint_model(task, main.result.checkpoint)
-        version = tracking.log_and_register(
+        version = registry.log_and_register(
             task, model, tc.register, tags={"run_name": name, **{k: f"{v:.4f}" for k, v in metrics.items()}}
         )
     validation = {k: v for k, v in (main.result.metrics or {}).items() if k.startswith("val/")}

@@ -1,6 +1,7 @@
 """Prediction from any registered model URI (`models:/cliptime@champion`, `models:/tclap/3`, `runs:/...`).
 
-The model is loaded once; its task turns an input file into model inputs and the predictions into the answer.
+The model is loaded once, from the version's plain files (no code from the registry runs); its task turns an
+input file into model inputs and the predictions into the answer.
 A folder's files are predicted in batches by Ray Data actors, each loading the model once, into one table.
 """
 
@@ -10,47 +11,42 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
-from mlflow.exceptions import MlflowException
+import torch
 
 from cliptime.errors import CliptimeError
+from cliptime.registry import load_model
 from cliptime.runtime import init_ray
 from cliptime.tasks.base import Task
-from cliptime.tracking import TaskModel, tracking_uri
+from cliptime.tracking import tracking_uri
 
 
-def load(uri: str) -> tuple[Any, Task]:
-    """(pyfunc model, its task) for a cliptime model URI."""
+def load(uri: str) -> tuple[Task, torch.nn.Module]:
+    """(task, model) of a model URI in the tracking store, built from its plain files (see cliptime.registry)."""
+    import mlflow
+
     mlflow.set_tracking_uri(tracking_uri())
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as e:
-        raise CliptimeError(f"cannot load model {uri}: {str(e).splitlines()[0]}") from None
-    inner = model.unwrap_python_model()
-    if not isinstance(inner, TaskModel):
-        raise CliptimeError(f"{uri} is not a cliptime model")
-    return model, inner.task
+    return load_model(uri)
 
 
 class _FolderPredictor:
     """Ray Data actor: the model loaded once, predicting batches of files."""
 
     def __init__(self, uri: str, args: argparse.Namespace):
-        self.model, self.task = load(uri)
+        self.task, self.model = load(uri)
         self.args = args
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = [self.task.prediction_rows(bytes(data), self.args) for data in batch["bytes"]]
-        out = self.model.predict(pd.concat(rows, ignore_index=True))
+        out = self.task.predict(self.model, pd.concat(rows, ignore_index=True))
         out.insert(0, "path", [p for p, r in zip(batch["path"], rows) for _ in range(len(r))])
         return out
 
 
-def predict(uri: str, model: Any, task: Task, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+def predict(uri: str, task: Task, model: torch.nn.Module, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The JSON answer for one input file, or for a folder (its table written to `args.out`)."""
     if path.is_file():
-        predictions = model.predict(task.prediction_rows(path.read_bytes(), args))
+        predictions = task.predict(model, task.prediction_rows(path.read_bytes(), args))
         return {"path": str(path), **task.prediction_result(predictions, args)}
     import ray.data
 

@@ -41,18 +41,17 @@ import mlflow
 import optuna
 import ray.train
 import yaml
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-from cliptime import evaluate, tracking, train
+from cliptime import evaluate, registry, tracking, train
 from cliptime.config import TrainConfig, flat_params
 from cliptime.errors import CliptimeError
 from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
 from cliptime.runtime import Storage, init_ray
-from cliptime.tasks import task_class
+from cliptime.tasks import task_class, task_ref
 from cliptime.tasks.base import Task
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
@@ -62,7 +61,7 @@ SWEEP_RECORD = "cliptime_sweep.json"
 
 @dataclass
 class SweepSpec:
-    task: str
+    task: str  # what names the task's class anywhere (`task_ref`)
     metric: str
     mode: str
     num_samples: int
@@ -133,7 +132,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if scheduler.get("type") not in ("asha", "fifo"):
         raise CliptimeError(f"{path}: scheduler.type {scheduler.get('type')!r} must be asha or fifo")
     spec = SweepSpec(
-        task=cls.name,
+        task=task_ref(cls),
         metric=raw.get("metric", cls.monitor),
         mode=raw.get("mode", "max"),
         num_samples=int(raw.get("num_samples", 8)),
@@ -259,24 +258,6 @@ def _optuna_figures(spec: SweepSpec, results: tune.ResultGrid) -> dict[str, Any]
     return figures
 
 
-def promote_champion(client: MlflowClient, model: str, version: str, metric: str, value: float, mode: str):
-    """Move alias `champion` to `version` only if it beats the current champion on `metric`.
-
-    Both numbers are recorded as tags of the new version. Returns (moved, the champion's value before)."""
-    try:
-        current = client.get_model_version_by_alias(model, "champion")
-    except MlflowException:
-        current = None
-    tag = f"sweep.{metric}"
-    before = float(current.tags[tag]) if current is not None and tag in current.tags else None
-    moved = before is None or (value > before if mode == "max" else value < before)
-    client.set_model_version_tag(model, version, tag, str(value))
-    client.set_model_version_tag(model, version, "sweep.champion_before", "none" if before is None else str(before))
-    if moved:
-        client.set_registered_model_alias(model, "champion", version)
-    return moved, before
-
-
 def sweep(
     spec_path: str,
     storage_path: str = "~/ray_results",
@@ -296,14 +277,14 @@ def sweep(
     storage = Storage(storage_path)
     client = MlflowClient(uri)
     if resume:
-        name, saved = storage.find(resume, SWEEP_RECORD, what=f"{spec.task} sweep", prefix=f"sweep-{spec.task}-")
+        name, saved = storage.find(resume, SWEEP_RECORD, what=f"{task.name} sweep", prefix=f"sweep-{task.name}-")
         parent = saved["mlflow_run_id"]
     else:
-        name = name or f"sweep-{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = name or f"sweep-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent = client.create_run(
             tracking.experiment_id(client, experiment),
             run_name=name,
-            tags={"cliptime.task": spec.task, "cliptime.sweep": name},
+            tags={"cliptime.task": task.name, "cliptime.sweep": name},
         ).info.run_id
         mlflow.log_params(
             {
@@ -380,10 +361,10 @@ def sweep(
         mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
         tracking.log_figures(parent, _optuna_figures(spec, results), client)
         model = train.load_checkpoint_model(task, checkpoint)
-        version = tracking.log_and_register(
+        version = registry.log_and_register(
             task, model, True, tags={"sweep": name, **{k: f"{v:.4f}" for k, v in test_metrics.items()}}
         )
-        moved, before = promote_champion(client, task.name, version, spec.metric, value, spec.mode)
+        moved, before = registry.promote_champion(client, task.name, version, spec.metric, value, spec.mode)
     champion = client.get_model_version_by_alias(task.name, "champion").version
     return {
         "sweep": name,

@@ -56,7 +56,6 @@ def test_pipeline_writes_the_three_speeds_and_ratios(tmp_path):
     (row,) = result["results"]
     speeds = row["samples_per_second"]
     assert set(speeds) == {"a_step_only", "b_dataloader", "c_ray"} and all(v > 0 for v in speeds.values())
-    assert row["c_over_a"] == pytest.approx(speeds["c_ray"] / speeds["a_step_only"])
 
 
 def test_quality_table_rows_carry_the_metrics_and_the_command(tmp_path):
@@ -64,5 +63,5 @@ def test_quality_table_rows_carry_the_metrics_and_the_command(tmp_path):
     result = bench("quality.py", "--task", "cliptime", "--only", "MLP head", "--budget", *budget, out=tmp_path)
     (row,) = result["results"]  # --only: the one row asked for
     assert row["config"] == "MLP head, generic prompts"
-    assert 0 <= row["metrics"]["accuracy"] <= 1 and "spearman_mycelium" in row["metrics"]
+    assert {"accuracy", "accuracy_image_only", "time_mae_hours"} <= set(row["metrics"])
     assert row["command"] == " ".join(["python jobs/train_cliptime.py --head mlp", *budget])

@@ -7,12 +7,15 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from cliptime import job
 from cliptime.cli import predict_main
 from cliptime.errors import CliptimeError
+from cliptime.predict import load
+from cliptime.registry import load_files
 from cliptime.runtime import Storage
 from tests.conftest import registered_versions
 from tests.toy_task import ToyConfig, ToyTask
@@ -89,3 +92,59 @@ def test_records_are_replaced_whole_and_latest_skips_baselines(tmp_path):
         storage.read("tclap-1", "run.json")
     with pytest.raises(CliptimeError, match="--resume nope: no such tclap run"):
         storage.find("nope", "run.json", what="tclap run", prefix="tclap-")
+
+
+# -- the registered model: plain files, loaded without running code from the registry ---------------------------
+def test_a_version_is_weights_and_a_config_with_no_pickle(toy_run):
+    result, _, _, uri, _ = toy_run
+    client = MlflowClient(uri)
+    version = client.get_model_version("toy", result.model_version)
+    files = {a.path for a in client.list_artifacts(version.run_id, "model/artifacts")}
+    assert files == {"model/artifacts/cliptime.json", "model/artifacts/weights.safetensors"}
+    everything = [a.path for a in client.list_artifacts(version.run_id, "model")]
+    assert not [p for p in everything if p.endswith((".pkl", ".pickle"))], everything
+
+
+def test_the_project_loader_unpickles_nothing(toy_run, monkeypatch):
+    import pickle
+
+    import cloudpickle
+
+    _, _, _, uri, _ = toy_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for module in (pickle, cloudpickle):
+        monkeypatch.setattr(module, "load", refuse)
+        monkeypatch.setattr(module, "loads", refuse)
+    task, model = load("models:/toy/1")
+    out = task.predict(model, task.input_example())
+    assert list(out.columns) == ["label"]
+
+
+def test_mlflow_loads_the_pyfunc_with_pickle_refused(toy_run, monkeypatch):
+    import mlflow
+
+    _, _, _, uri, _ = toy_run
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/toy/1")
+    x = np.array([3.0, -3.0, 0.0, 0.0], dtype=np.float32).tobytes()
+    assert model.predict(pd.DataFrame({"x": [x]}))["label"].tolist() == ["first"]
+
+
+def test_a_version_of_the_older_format_loads_from_its_tensors(tmp_path):
+    """Versions registered before the safetensors format: `weights.pt` (a state dict) and `task_config.json`."""
+    import torch
+
+    task = ToyTask(ToyConfig(hidden=4))
+    model = task.build_model()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "task_config.json").write_text(
+        json.dumps({"task": "tests.toy_task:ToyTask", "task_config": {"hidden": 4}})
+    )
+    loaded_task, loaded = load_files(tmp_path)
+    assert loaded_task.cfg == task.cfg
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

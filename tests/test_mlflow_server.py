@@ -15,12 +15,12 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from cliptime import job
-from cliptime import tracking as cliptime_tracking
+from cliptime import job, registry
 from cliptime.cli import train_main
 from cliptime.config import TrainConfig
 from cliptime.runtime import free_port
 from cliptime.tasks import make_task
+from cliptime.tracking import experiment_id
 from tests.conftest import registered_versions
 
 TINY = {"sequences": 7, "frames": 10, "image_size": 32, "head_depth": 1, "ffn_dim": 64}
@@ -92,14 +92,14 @@ def test_concurrent_registrations_lose_no_version(mlflow_server, monkeypatch):
     mlflow.set_tracking_uri(mlflow_server)
     task = make_task("tclap", {"baseline": False})
     model = task.build_model()
-    experiment = cliptime_tracking.experiment_id(MlflowClient(mlflow_server), "server-concurrent")
+    experiment = experiment_id(MlflowClient(mlflow_server), "server-concurrent")
     before = len(registered_versions(mlflow_server, "tclap"))
     versions, errors = [], []
 
     def register(i: int) -> None:
         try:
             with mlflow.start_run(experiment_id=experiment, run_name=f"trial-{i}"):
-                versions.append(cliptime_tracking.log_and_register(task, model, True, {"trial": str(i)}))
+                versions.append(registry.log_and_register(task, model, True, {"trial": str(i)}))
         except Exception as e:  # reported below: a lost registration fails the test
             errors.append(repr(e))
 

@@ -73,33 +73,35 @@ def test_registered_model_predicts_from_the_registry(trained, mlflow_store):
     assert len(out) == 2 and set(out["stage"]) <= {"spore", "hyphae", "mycelium"}
 
 
-def test_predict_job_on_an_image_a_folder_and_a_wrong_file(trained, mlflow_store, tmp_path):
-    import json
-
+def test_predict_on_an_image_a_folder_and_a_wrong_file(trained, mlflow_store, monkeypatch, tmp_path, capsys):
+    from cliptime.cli import predict_main
     from cliptime.data.fungal_growth import generate_sequence
-    from tests.conftest import run_job
+
+    def answer(*argv: str) -> tuple[int, dict | str]:
+        code = predict_main(list(argv))
+        out, err = capsys.readouterr()
+        return code, json.loads(out.strip().splitlines()[-1]) if code == 0 else err
 
     result, _, _ = trained
     uri = f"models:/cliptime/{result.model_version}"
-    env = {"MLFLOW_TRACKING_URI": mlflow_store}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     cols = generate_sequence(0, 0, frames=5, size=32, hours=(0, 72), template_set="generic")
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, data in enumerate(cols["image"]):
         (folder / f"frame{i}.png").write_bytes(data)
-    one = run_job("predict.py", uri, str(folder / "frame0.png"), "--caption", "fungal spores", env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    out = json.loads(one.stdout.strip().splitlines()[-1])
-    assert out["stage"] in ("spore", "hyphae", "mycelium") and 0 <= out["hours"] <= 72
+    code, out = answer(uri, str(folder / "frame0.png"), "--caption", "fungal spores")
+    assert code == 0 and out["stage"] in ("spore", "hyphae", "mycelium") and 0 <= out["hours"] <= 72
     table = tmp_path / "preds.csv"
-    many = run_job("predict.py", uri, str(folder), "--out", str(table), env=env)
-    assert many.returncode == 0, many.stderr[-3000:]
-    assert json.loads(many.stdout.strip().splitlines()[-1])["images"] == 5
+    code, out = answer(uri, str(folder), "--out", str(table))
+    assert code == 0 and out["images"] == 5
     assert len(pd.read_csv(table)) == 5 and {"path", "stage", "hours"} <= set(pd.read_csv(table).columns)
     (tmp_path / "notes.png").write_text("not an image")
-    bad = run_job("predict.py", uri, str(tmp_path / "notes.png"), env=env)
-    assert bad.returncode == 2 and "not a readable image" in bad.stderr
-    wrong_task = run_job("predict.py", uri, str(folder / "frame0.png"), "--order", "a bell", "knocking", env=env)
-    assert wrong_task.returncode == 2 and "is a CLIPTime model" in wrong_task.stderr
-    unknown = run_job("predict.py", "models:/no-such-model/1", str(folder / "frame0.png"), env=env)
-    assert unknown.returncode == 2 and "cannot load model models:/no-such-model/1" in unknown.stderr
+    assert answer(uri, str(tmp_path / "notes.png")) == (
+        2,
+        "error: input row 0: not a readable image (UnidentifiedImageError)\n",
+    )
+    code, err = answer(uri, str(folder / "frame0.png"), "--order", "a bell", "knocking")
+    assert code == 2 and "is a CLIPTime model: --order is for T-CLAP" in err
+    code, err = answer("models:/no-such-model/1", str(folder / "frame0.png"))
+    assert code == 2 and "cannot load model models:/no-such-model/1" in err

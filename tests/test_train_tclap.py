@@ -17,7 +17,7 @@ from tests.conftest import registered_versions
 pytestmark = pytest.mark.slow
 
 
-def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path):
+def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path, capsys):
     # two micro-batches of 4 per optimizer step: the gradient-accumulation path
     tc = TCLAPTask.train_config(epochs=1, batch_size=8, grad_accum=2, storage_path=str(tmp_path), experiment="t")
     result = job.run(TCLAPTask.tiny(), tc)
@@ -50,11 +50,11 @@ def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path
     out = model.predict(pd.DataFrame({"audio": [buf.getvalue()] * 2, "caption": ["knocking", "a low buzz"]}))
     assert list(out.columns) == ["caption", "score"] and np.isfinite(out["score"]).all()
 
-    # the job script: which order does a clip play?
+    # the prediction command: which order does a clip play?
     import json
 
+    from cliptime.cli import predict_main
     from cliptime.data.sound_events import from_pcm16, generate_block
-    from tests.conftest import run_job
 
     cols = generate_block(
         0,
@@ -69,15 +69,7 @@ def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path
     )
     wav = tmp_path / "clip.wav"
     sf.write(wav, from_pcm16(cols["audio"][0]), 16000)
-    proc = run_job(
-        "predict.py",
-        f"models:/tclap/{result.model_version}",
-        str(wav),
-        "--order",
-        "knocking",
-        "a low buzz",
-        env={"MLFLOW_TRACKING_URI": tracking},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = [f"models:/tclap/{result.model_version}", str(wav), "--order", "knocking", "a low buzz"]
+    assert predict_main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(out["order"]) == ["a low buzz", "knocking"] and len(out["ranking"]) == 2

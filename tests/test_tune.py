@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from cliptime.cli import tune_main
 from cliptime.errors import CliptimeError
-from cliptime.tune import load_spec, promote_champion, sweep
+from cliptime.registry import promote_champion
+from cliptime.tune import load_spec, sweep
 from tests.conftest import ROOT
 
 TINY_FIXED = {
@@ -97,37 +98,11 @@ def test_bad_yaml_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_trial_sweep_registers_the_best_and_sets_champion(ray_session, empty_store, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
-    result = sweep(str(write_spec(tmp_path)), str(tmp_path / "rr"), "test-sweeps")
-    assert result["trials"] == 2 and result["finished_trials"] == 2
-    assert result["champion_version"] == result["model_version"]  # first sweep: no champion to beat
-    client = MlflowClient(empty_store)
-    parent = client.get_run(result["run_id"])
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
-    assert len(children) == 2
-    assert all(client.get_metric_history(c.info.run_id, "val/accuracy") for c in children)
-    plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
-    assert "plots/optuna_history.png" in plots
-    version = client.get_model_version("cliptime", result["model_version"])
-    assert float(version.tags["sweep.val/accuracy"]) == pytest.approx(result["best_value"])
-
-    # A later model that does worse does not take the alias; one that does better does.
-    champion = client.get_model_version_by_alias("cliptime", "champion")
-    crowned = float(champion.tags["sweep.val/accuracy"])
-    worse = client.create_model_version("cliptime", champion.source, champion.run_id)
-    moved, before = promote_champion(client, "cliptime", worse.version, "val/accuracy", crowned - 0.1, "max")
-    assert not moved and before == pytest.approx(crowned)
-    assert client.get_model_version_by_alias("cliptime", "champion").version == champion.version
-    assert client.get_model_version("cliptime", worse.version).tags["sweep.champion_before"] == str(before)
-    better = client.create_model_version("cliptime", champion.source, champion.run_id)
-    assert promote_champion(client, "cliptime", better.version, "val/accuracy", 1.01, "max")[0]
-    assert client.get_model_version_by_alias("cliptime", "champion").version == better.version
-
-
-@pytest.mark.slow
-def test_a_toy_sweep_makes_its_data_once(ray_session, empty_store, monkeypatch, tmp_path):
-    """Two trials and the best one's test use the data made once on the driver: each block generated once."""
+def test_a_sweep_makes_its_data_once_registers_the_best_and_sets_champion(
+    ray_session, empty_store, monkeypatch, tmp_path
+):
+    """Two trials of the toy task (its answer is known), then the best one's test: all on data made once on the
+    driver (each block generated once); a parent run with a child per trial; the champion alias."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
     log = tmp_path / "generated.log"
     path = tmp_path / "toy.yaml"
@@ -137,13 +112,35 @@ def test_a_toy_sweep_makes_its_data_once(ray_session, empty_store, monkeypatch, 
         "num_samples": 2,
         "scheduler": {"type": "fifo"},
         "fixed": {"epochs": 2, "generate_log": str(log)},
-        "space": {"hidden": {"choice": [4, 16]}},
+        "space": {"hidden": {"choice": [4, 16]}, "lr": {"loguniform": [0.005, 0.02]}},
     }
     path.write_text(yaml.safe_dump(spec))
-    result = sweep(str(path), str(tmp_path / "rr"), "test-toy-sweeps")
-    assert result["finished_trials"] == 2 and result["prepared_data_sets"] == 1
+    result = sweep(str(path), str(tmp_path / "rr"), "test-sweeps")
+    assert result["trials"] == 2 and result["finished_trials"] == 2 and result["prepared_data_sets"] == 1
     assert len(log.read_text().splitlines()) == 6  # 4 train blocks, 1 val, 1 test: once
     assert result["test_metrics"]["accuracy"] >= 0.85  # chance is 0.5
+    assert result["champion_version"] == result["model_version"]  # first sweep: no champion to beat
+    client = MlflowClient(empty_store)
+    parent = client.get_run(result["run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert len(children) == 2
+    assert all(client.get_metric_history(c.info.run_id, "val/accuracy") for c in children)
+    plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
+    assert "plots/optuna_history.png" in plots
+    version = client.get_model_version("toy", result["model_version"])
+    assert float(version.tags["sweep.val/accuracy"]) == pytest.approx(result["best_value"])
+
+    # A later model that does worse does not take the alias; one that does better does.
+    champion = client.get_model_version_by_alias("toy", "champion")
+    crowned = float(champion.tags["sweep.val/accuracy"])
+    worse = client.create_model_version("toy", champion.source, champion.run_id)
+    moved, before = promote_champion(client, "toy", worse.version, "val/accuracy", crowned - 0.1, "max")
+    assert not moved and before == pytest.approx(crowned)
+    assert client.get_model_version_by_alias("toy", "champion").version == champion.version
+    assert client.get_model_version("toy", worse.version).tags["sweep.champion_before"] == str(before)
+    better = client.create_model_version("toy", champion.source, champion.run_id)
+    assert promote_champion(client, "toy", better.version, "val/accuracy", 1.01, "max")[0]
+    assert client.get_model_version_by_alias("toy", "champion").version == better.version
 
 
 @pytest.mark.slow
