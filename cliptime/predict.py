@@ -21,19 +21,21 @@ from cliptime.tasks.base import Task
 from cliptime.tracking import tracking_uri
 
 
-def load(uri: str) -> tuple[Task, torch.nn.Module]:
-    """(task, model) of a model URI in the tracking store, built from its plain files (see cliptime.registry)."""
+def load(uri: str, tracking: str = "") -> tuple[Task, torch.nn.Module]:
+    """(task, model) of a model URI in the tracking store (`tracking`, default: this process's), built from its
+    plain files (see cliptime.registry)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking or tracking_uri())
     return load_model(uri)
 
 
 class _FolderPredictor:
     """Ray Data actor: the model loaded once, predicting batches of files."""
 
-    def __init__(self, uri: str, args: argparse.Namespace):
-        self.task, self.model = load(uri)
+    def __init__(self, uri: str, tracking: str, args: argparse.Namespace):
+        # The driver's tracking store, named explicitly: an actor's environment may not be the driver's.
+        self.task, self.model = load(uri, tracking)
         self.args = args
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -58,7 +60,7 @@ def predict(uri: str, task: Task, model: torch.nn.Module, path: Path, args: argp
         ray.data.read_binary_files([str(f) for f in files], include_paths=True)
         .map_batches(
             _FolderPredictor,
-            fn_constructor_kwargs={"uri": uri, "args": args},
+            fn_constructor_kwargs={"uri": uri, "tracking": tracking_uri(), "args": args},
             batch_format="pandas",
             batch_size=64,
             concurrency=1,

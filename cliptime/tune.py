@@ -258,6 +258,61 @@ def _optuna_figures(spec: SweepSpec, results: tune.ResultGrid) -> dict[str, Any]
     return figures
 
 
+def _open_sweep(
+    spec: SweepSpec, spec_path: str, task: Task, storage: Storage, client: MlflowClient, experiment: str, name: str
+) -> tuple[str, str]:
+    """(name, parent MLflow run id) of a new sweep, whose record is written before any trial starts."""
+    name = name or f"sweep-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = client.create_run(
+        tracking.experiment_id(client, experiment),
+        run_name=name,
+        tags={"cliptime.task": task.name, "cliptime.sweep": name},
+    ).info.run_id
+    mlflow.log_params(
+        {
+            "spec": Path(spec_path).name,
+            "metric": spec.metric,
+            "mode": spec.mode,
+            "num_samples": spec.num_samples,
+            **{f"fixed.{k}": v for k, v in spec.fixed.items()},
+        },
+        run_id=parent,
+    )
+    storage.write(name, SWEEP_RECORD, {"task": spec.task, "spec": asdict(spec), "mlflow_run_id": parent})
+    return name, parent
+
+
+def _new_tuner(spec: SweepSpec, tc: TrainConfig, trainable, storage: Storage, name: str) -> tune.Tuner:
+    """OptunaSearch over the space (at most `max_concurrent` trials at once), ASHA or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sched = spec.scheduler
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=tc.epochs,
+            grace_period=int(sched.get("grace_period", 1)),
+            reduction_factor=float(sched.get("reduction_factor", 2)),
+        )
+        if sched.get("type", "asha") == "asha"
+        else FIFOScheduler()
+    )
+    searcher = OptunaSearch(space=distributions(spec), metric=spec.metric, mode=spec.mode, seed=spec.seed)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.num_samples,
+            scheduler=scheduler,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage.uri),
+    )
+
+
 def sweep(
     spec_path: str,
     storage_path: str = "~/ray_results",
@@ -280,23 +335,7 @@ def sweep(
         name, saved = storage.find(resume, SWEEP_RECORD, what=f"{task.name} sweep", prefix=f"sweep-{task.name}-")
         parent = saved["mlflow_run_id"]
     else:
-        name = name or f"sweep-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = client.create_run(
-            tracking.experiment_id(client, experiment),
-            run_name=name,
-            tags={"cliptime.task": task.name, "cliptime.sweep": name},
-        ).info.run_id
-        mlflow.log_params(
-            {
-                "spec": Path(spec_path).name,
-                "metric": spec.metric,
-                "mode": spec.mode,
-                "num_samples": spec.num_samples,
-                **{f"fixed.{k}": v for k, v in spec.fixed.items()},
-            },
-            run_id=parent,
-        )
-        storage.write(name, SWEEP_RECORD, {"task": spec.task, "spec": asdict(spec), "mlflow_run_id": parent})
+        name, parent = _open_sweep(spec, spec_path, task, storage, client, experiment, name)
     # Each running trial holds its workers' CPUs plus a sliver for itself, which leaves a fractional CPU: Ray
     # Data's 1-CPU tasks need two whole ones beside them (with one, a trial was seen waiting on them forever).
     init_ray(spec.max_concurrent * (tc.num_workers * tc.cpus_per_worker + 2))
@@ -318,33 +357,7 @@ def sweep(
     if resume:
         tuner = tune.Tuner.restore(f"{storage.uri}/{name}", trainable, resume_errored=True)
     else:
-        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        sched = spec.scheduler
-        scheduler = (
-            ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=tc.epochs,
-                grace_period=int(sched.get("grace_period", 1)),
-                reduction_factor=float(sched.get("reduction_factor", 2)),
-            )
-            if sched.get("type", "asha") == "asha"
-            else FIFOScheduler()
-        )
-        searcher = OptunaSearch(space=distributions(spec), metric=spec.metric, mode=spec.mode, seed=spec.seed)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric=spec.metric,
-                mode=spec.mode,
-                num_samples=spec.num_samples,
-                scheduler=scheduler,
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=storage.uri),
-        )
+        tuner = _new_tuner(spec, tc, trainable, storage, name)
     with mlflow.start_run(run_id=parent):
         results = tuner.fit()
         finished = [r for r in results if r.metrics and spec.metric in r.metrics]

@@ -63,5 +63,5 @@ def test_quality_table_rows_carry_the_metrics_and_the_command(tmp_path):
     result = bench("quality.py", "--task", "cliptime", "--only", "MLP head", "--budget", *budget, out=tmp_path)
     (row,) = result["results"]  # --only: the one row asked for
     assert row["config"] == "MLP head, generic prompts"
-    assert {"accuracy", "accuracy_image_only", "time_mae_hours"} <= set(row["metrics"])
+    assert {"accuracy", "macro_f1", "time_mae_hours", "spearman_mycelium"} <= set(row["metrics"])
     assert row["command"] == " ".join(["python jobs/train_cliptime.py --head mlp", *budget])

@@ -14,11 +14,12 @@ from mlflow.tracking import MlflowClient
 
 from cliptime import job
 from cliptime.config import TrainConfig
-from cliptime.tasks import make_task
+from tests.toy_task import ToyConfig, ToyTask
 
 pytestmark = pytest.mark.slow
 
-TINY = {"sequences": 7, "frames": 20, "image_size": 32, "head_depth": 1, "ffn_dim": 64}
+# The toy task (its answer is known) with epochs of a few seconds, long enough to kill a worker inside one.
+TOY = ToyConfig(rows=4096)
 EPOCHS = 3
 
 
@@ -38,10 +39,9 @@ def train_worker_pids(ray_session) -> list[int]:
 
 
 def config(storage: Path, name: str) -> TrainConfig:
-    return TrainConfig(
+    return ToyTask.train_config(
         epochs=EPOCHS,
-        batch_size=16,
-        cpus_per_worker=1,
+        lr=1e-3,
         seed=7,
         storage_path=str(storage),
         name=name,
@@ -52,12 +52,10 @@ def config(storage: Path, name: str) -> TrainConfig:
 
 
 def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run(ray_session, tracking, tmp_path):
-    reference = job.run(make_task("cliptime", TINY), config(tmp_path, "uninterrupted"))
+    reference = job.run(ToyTask(TOY), config(tmp_path, "uninterrupted"))
 
     outcome: dict = {}
-    runner = threading.Thread(
-        target=lambda: outcome.update(result=job.run(make_task("cliptime", TINY), config(tmp_path, "killed")))
-    )
+    runner = threading.Thread(target=lambda: outcome.update(result=job.run(ToyTask(TOY), config(tmp_path, "killed"))))
     runner.start()
     deadline = time.time() + 600
     while time.time() < deadline and not list((tmp_path / "killed").glob("checkpoint_*")):
@@ -74,7 +72,6 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run
         steps = [m.step for m in client.get_metric_history(result.run_id, metric)]
         assert sorted(steps) == list(range(EPOCHS)), (metric, steps)  # none lost, none twice
     # Same seed and data; after the restart Ray Data's per-epoch shuffle starts its sequence again, so the data
-    # order differs and the figures of this tiny model agree within its noise (seen: MAE 15.2 vs 19.6 h).
-    assert abs(result.metrics["test/accuracy"] - reference.metrics["test/accuracy"]) <= 0.15
-    mae, reference_mae = result.metrics["test/time_mae_hours"], reference.metrics["test/time_mae_hours"]
-    assert abs(mae - reference_mae) <= 0.4 * reference_mae, (mae, reference_mae)
+    # order differs: the accuracy agrees within the noise of 4,096 test rows, and both are far above chance (0.5).
+    assert reference.metrics["test/accuracy"] >= 0.9
+    assert abs(result.metrics["test/accuracy"] - reference.metrics["test/accuracy"]) <= 0.05
