@@ -10,8 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cliptime.data.shards import write_shards
-from cliptime.errors import CliptimeError
+from cliptime.data.shards import check_output, write_shards
 from cliptime.runtime import init_ray
 from cliptime.tasks.base import Task
 
@@ -19,6 +18,7 @@ from cliptime.tasks.base import Task
 def write_generated_shards(task: Task, out_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """The task's generated data set as shards at `out_dir`; returns the JSON line."""
     task.check()
+    check_output(out_dir, overwrite)  # before any work (write_shards checks again)
     init_ray()
     manifest = write_shards(
         task.generate(), out_dir, task=task.name, label=task.label_column, source=task.source(), overwrite=overwrite
@@ -38,9 +38,7 @@ def write_user_shards(
 ) -> dict[str, Any]:
     """Convert `input_dir` with the task's converter `kind` into shards at `out_dir`; returns the manifest and
     what was skipped."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:  # before any work (write_shards checks again)
-        raise CliptimeError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    out = check_output(out_dir, overwrite)  # before any work (write_shards checks again)
     out.parent.mkdir(parents=True, exist_ok=True)
     init_ray()
     # The scratch copy sits beside the output: the same file system, with room for a large collection.

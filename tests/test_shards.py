@@ -78,3 +78,15 @@ def test_failed_write_leaves_nothing(ray_session, tmp_path):
 def test_existing_output_is_not_overwritten_by_default(shard_dir):
     with pytest.raises(CliptimeError, match="already exists"):
         write_shards({}, shard_dir, task="cliptime", label="stage", source={})
+
+
+def test_overwrite_replaces_only_a_shard_folder(ray_session, tmp_path, capsys):
+    """`--overwrite` of a folder that holds no manifest (a home directory typed by mistake) deletes nothing."""
+    from cliptime.cli import make_shards_main
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert make_shards_main(["cliptime", str(precious), "--overwrite", "--sequences", "7", "--frames", "2"]) == 2
+    assert "is not a shard folder" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "years of work"

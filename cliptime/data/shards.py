@@ -43,6 +43,17 @@ def split_counts(split_dir: Path, label: str) -> dict[str, Any]:
     return {"rows": len(labels), label: dict(sorted(counts.items()))}
 
 
+def check_output(out_dir: str | Path, overwrite: bool) -> Path:
+    """The resolved output directory, if it may be written: new, or (with `overwrite`) a shard folder. A folder
+    without a manifest is never replaced: `--overwrite` of a wrong path must not delete a home directory."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise CliptimeError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise CliptimeError(f"--overwrite: {out} is not a shard folder (it has no {MANIFEST}); not replacing it")
+    return out
+
+
 def write_shards(
     datasets: dict[str, ray.data.Dataset],
     out_dir: str | Path,
@@ -54,9 +65,7 @@ def write_shards(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write each split's rows as Parquet shards plus a manifest; return the manifest."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise CliptimeError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    out = check_output(out_dir, overwrite)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
