@@ -56,13 +56,7 @@ def open_run(storage: Storage, client: MlflowClient, task: Task, tc: TrainConfig
         return saved["mlflow_run_id"]
     tags = {"cliptime.task": task.name, **({"mlflow.parentRunId": parent} if parent else {})}
     run_id = client.create_run(tracking.experiment_id(client, tc.experiment), run_name=name, tags=tags).info.run_id
-    client.log_batch(
-        run_id,
-        params=[
-            mlflow.entities.Param(k, str(v))
-            for k, v in {**flat_params("task", task.cfg), **flat_params("train", tc)}.items()
-        ],
-    )
+    mlflow.log_params({**flat_params("task", task.cfg), **flat_params("train", tc)}, run_id=run_id)
     record = {"task": task_ref(task), "task_config": asdict(task.cfg), "train_config": asdict(tc)}
     storage.write(
         name, RUN_RECORD, {**record, "mlflow_run_id": run_id, **({"parent_run_id": parent} if parent else {})}
