@@ -116,12 +116,12 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
     main = fit_and_test(task, tc, data, name, storage, uri)
     metrics = {f"test/{k}": v for k, v in main.test_metrics.items()}
     baseline_outputs = None
-    if (baseline := task.baseline()) is not None:
-        base = fit_and_test(baseline, tc, data, f"{name}-baseline", storage, uri, parent=main.run_id)
-        client.set_terminated(base.run_id)
-        baseline_outputs = base.outputs
-        metrics.update({f"baseline/test/{k}": v for k, v in base.test_metrics.items()})
-    with mlflow.start_run(run_id=main.run_id):  # FINISHED when the block ends, FAILED if it raises
+    with mlflow.start_run(run_id=main.run_id):  # FINISHED when the block ends, FAILED if anything in it raises
+        if (baseline := task.baseline()) is not None:
+            base = fit_and_test(baseline, tc, data, f"{name}-baseline", storage, uri, parent=main.run_id)
+            client.set_terminated(base.run_id)
+            baseline_outputs = base.outputs
+            metrics.update({f"baseline/test/{k}": v for k, v in base.test_metrics.items()})
         tracking.log_metrics(client, main.run_id, {k: v for k, v in metrics.items() if k.startswith("baseline/")})
         tracking.log_figures(main.run_id, task.figures(main.outputs, baseline_outputs), client)
         model = train.load_checkpoint_model(task, main.result.checkpoint)

@@ -16,21 +16,20 @@ from cliptime.errors import CliptimeError
 
 
 # -- Ray ------------------------------------------------------------------------------------------------------
-def init_ray(reserved_cpus: int = 0) -> bool:
-    """Connect to the cluster `ray job submit` runs us on (RAY_ADDRESS), or start a local Ray; True if this call
-    started or connected it (and so should shut it down), False if Ray was already up in this process.
+def init_ray(reserved_cpus: int = 0) -> None:
+    """Connect to the cluster `ray job submit` runs us on (RAY_ADDRESS), or start a local Ray; nothing if Ray is
+    already up in this process.
 
     Locally Ray gets at least one logical CPU more than training workers reserve, so Ray Data always has one
     to run on (with none left it stalls, and training waits on it forever).
     """
     if ray.is_initialized():
-        return False
+        return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         configure_ray_data()
     else:
         start_local_ray(max(os.cpu_count() or 1, reserved_cpus + 1))
-    return True
 
 
 def configure_ray_data() -> None:

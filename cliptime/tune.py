@@ -84,15 +84,19 @@ class SweepSpec:
         tc = self.task_cls.train_config(**train_settings, storage_path=storage_path, experiment=experiment)
         return task_settings, tc
 
+    @property
+    def data_choices(self) -> list[str]:
+        """The data settings that the space chooses among, sorted."""
+        return [k for k in sorted(self.space) if k in self.task_cls.data_fields]
+
     def data_variant(self, values: dict[str, Any]) -> tuple:
         """The data settings among `values` that the space chooses (a key of the sweep's prepared data sets)."""
-        return tuple((k, values[k]) for k in sorted(self.space) if k in self.task_cls.data_fields)
+        return tuple((k, values[k]) for k in self.data_choices)
 
     def data_variants(self) -> list[dict[str, Any]]:
         """Every combination of the data settings that the space chooses among ([{}] when it chooses none)."""
-        names = [k for k in sorted(self.space) if k in self.task_cls.data_fields]
-        choices = [self.space[k]["choice"] for k in names]
-        return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+        names = self.data_choices
+        return [dict(zip(names, combo)) for combo in itertools.product(*(self.space[k]["choice"] for k in names))]
 
 
 def load_spec(path: str | Path) -> SweepSpec:

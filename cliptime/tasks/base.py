@@ -59,7 +59,7 @@ class Task(ABC):
     data_fields: ClassVar[tuple[str, ...]] = ("data",)
     converters: ClassVar[dict[str, Converter]] = {}  # make_shards subcommand -> reader of users' files
     # The tiny preset of tests and smoke runs: the data-size settings at the least each may shrink to (benchmarks
-    # scale the data by them), and the smallest model settings that still train.
+    # scale the data by them), and the smallest other settings (model widths, image size) that still train.
     data_sizes: ClassVar[dict[str, int]] = {}
     tiny_model: ClassVar[dict[str, Any]] = {}
 
