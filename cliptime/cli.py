@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import ray
 
 from cliptime.config import TrainConfig, add_dataclass_args, from_namespace
-from cliptime.errors import CliptimeError
+from cliptime.errors import CliptimeError, Interrupted
 from cliptime.tasks import TASKS, task_class
 
 
@@ -30,17 +32,25 @@ def user_error(e: BaseException) -> CliptimeError | None:
 
 
 def run_job(job: Callable[[], object]) -> int:
-    """Run `job`; print its result's JSON as the last stdout line (exit 0) or a one-line error (exit 2)."""
+    """Run `job`; print its result's JSON as the last stdout line (exit 0) or a one-line error (exit 2; 130 for a
+    job stopped by Ctrl-C or SIGTERM)."""
     ray_was_up = ray.is_initialized()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        # SIGTERM (a scheduler's stop, `kill`) stops a job as Ctrl-C does: runs marked KILLED, state kept for
+        # --resume. Raising SIGINT hands it to whichever handler is in force (Python's, or Ray Tune's graceful one).
+        on_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         result = job()
     except Exception as e:
         error = user_error(e)
         if error is None:
             raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+        print(f"{'stopped' if isinstance(error, Interrupted) else 'error'}: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, on_sigterm)
         # Flush what Ray's workers still have to print before the final JSON line (a Ray that was up before the
         # job, as in an embedding program or a test session, is left running).
         if not ray_was_up:

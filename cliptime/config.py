@@ -126,6 +126,36 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def setting_types(cls: type) -> dict[str, Any]:
+    """{field name: its type} of dataclass `cls`."""
+    return {f.name: _field_type(cls, f) for f in dataclasses.fields(cls)}
+
+
+def fits(kind: Any, value: Any) -> bool:
+    """Whether a YAML value can be a setting of type `kind` (an int counts as a float, a bool as neither; a
+    tuple setting takes a list of fitting values, a dict setting a mapping)."""
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return isinstance(value, (list, tuple)) and all(fits(item, v) for v in value)
+    if typing.get_origin(kind) is dict:
+        keys, values = typing.get_args(kind)
+        return isinstance(value, dict) and all(fits(keys, k) and fits(values, v) for k, v in value.items())
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def type_name(kind: Any) -> str:
+    """How an error message names a setting's type."""
+    if typing.get_origin(kind) is tuple:
+        return f"list of {type_name(typing.get_args(kind)[0])}"
+    if typing.get_origin(kind) is dict:
+        return "mapping"
+    return {bool: "true/false", int: "whole number", float: "number", str: "string"}.get(kind, str(kind))
+
+
 def flat_params(prefix: str, cfg: Any) -> dict[str, Any]:
     """`{prefix.field: value}` for logging a config as MLflow params."""
     return {f"{prefix}.{k}": v for k, v in dataclasses.asdict(cfg).items()}
@@ -136,6 +166,9 @@ __all__ = [
     "add_dataclass_args",
     "from_dict",
     "from_namespace",
+    "fits",
     "flat_params",
+    "setting_types",
+    "type_name",
     "option",
 ]

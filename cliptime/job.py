@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from cliptime import evaluate, registry, tracking, train
 from cliptime.config import TrainConfig, flat_params, from_dict
-from cliptime.errors import CliptimeError
+from cliptime.errors import CliptimeError, Interrupted
 from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
 from cliptime.runtime import Storage, init_ray
 from cliptime.tasks import make_task, task_ref
@@ -65,38 +65,38 @@ def open_run(storage: Storage, client: MlflowClient, task: Task, tc: TrainConfig
 
 
 def fit_and_test(
-    task: Task, tc: TrainConfig, data: PreparedData, name: str, storage: Storage, uri: str, parent: str = ""
+    task: Task, tc: TrainConfig, data: PreparedData, name: str, storage: Storage, uri: str, run_id: str
 ) -> RunOutcome:
-    """Train `task` on the prepared data as run `name` (resumed if its storage holds checkpoints), log every epoch
-    to its MLflow run, and evaluate its last checkpoint on the test split. The MLflow run is marked FAILED if
-    anything here fails."""
+    """Train `task` on the prepared data as Ray Train run `name` (resumed if its storage holds checkpoints), log
+    every epoch to MLflow run `run_id`, and evaluate its last checkpoint on the test split."""
     client = MlflowClient(uri)
-    run_id = open_run(storage, client, task, tc, name, parent)
-    try:
-        result = train.fit(
-            task,
-            tc,
-            training_datasets(data, task, tc.seed),
-            steps_per_epoch(data, tc.batch_size),
-            name,
-            storage.uri,
-            [tracking.EpochLogger(uri, run_id)],
-        )
-        tracking.log_missing_epochs(client, run_id, train.read_history(result.checkpoint))
-        metrics, outputs = evaluate.test(task, tc, result.checkpoint, data.splits["test"])
-        tracking.log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()})
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+    result = train.fit(
+        task,
+        tc,
+        training_datasets(data, task, tc.seed),
+        steps_per_epoch(data, tc.batch_size),
+        name,
+        storage.uri,
+        [tracking.EpochLogger(uri, run_id)],
+    )
+    tracking.log_missing_epochs(client, run_id, train.read_history(result.checkpoint))
+    metrics, outputs = evaluate.test(task, tc, result.checkpoint, data.splits["test"])
+    tracking.log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()})
     return RunOutcome(run_id, result, metrics, outputs)
 
 
 def run(task: Task, tc: TrainConfig) -> JobResult:
-    """Check the inputs, train (and the task's baseline, if any), test, log everything and register the model."""
-    uri = tracking.tracking_uri()
+    """Check the inputs, train (and the task's baseline, if any), test, log everything and register the model.
+
+    The run's folder is held by this process throughout (a second driver on it is refused), and the run is
+    marked finished in its record once its model is registered: `--resume` continues only unfinished runs."""
     storage = Storage(tc.storage_path)
     if tc.resume:
         name, saved = storage.find(tc.resume, RUN_RECORD, what=f"{task.name} run", prefix=f"{task.name}-")
+        if saved.get("finished"):
+            version = saved.get("model_version")
+            registered = f" and registered {saved['task_name']} version {version}" if version else ""
+            raise CliptimeError(f"--resume {name}: that run finished{registered}; there is nothing to resume")
         task = make_task(saved["task"], saved["task_config"])
         tc = from_dict(TrainConfig, {**saved["train_config"], "resume": tc.resume})
         print(f"resuming {name} (MLflow run {saved['mlflow_run_id']}) with its saved configuration", flush=True)
@@ -106,32 +106,49 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
             raise CliptimeError(f"--name {name}: a run of that name exists; continue it with --resume {name}")
     tc.check()
     task.check()
+    uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
+    with storage.hold(name):
+        try:
+            return _train_test_register(task, tc, name, storage, uri)
+        except KeyboardInterrupt:
+            raise Interrupted(f"{name}: interrupted, checkpoints kept; continue it with --resume {name}") from None
+
+
+def _train_test_register(task: Task, tc: TrainConfig, name: str, storage: Storage, uri: str) -> JobResult:
     init_ray(tc.num_workers * tc.cpus_per_worker)
     data = prepare(task)
     task = data.task
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    main = fit_and_test(task, tc, data, name, storage, uri)
-    metrics = {f"test/{k}": v for k, v in main.test_metrics.items()}
-    baseline_outputs = None
-    with mlflow.start_run(run_id=main.run_id):  # FINISHED when the block ends, FAILED if anything in it raises
+    run_id = open_run(storage, client, task, tc, name)
+    with tracking.run_status(client, run_id, active=True):
+        main = fit_and_test(task, tc, data, name, storage, uri, run_id)
+        metrics = {f"test/{k}": v for k, v in main.test_metrics.items()}
+        baseline_outputs = None
         if (baseline := task.baseline()) is not None:
-            base = fit_and_test(baseline, tc, data, f"{name}-baseline", storage, uri, parent=main.run_id)
-            client.set_terminated(base.run_id)
+            base_name = f"{name}-baseline"
+            base_id = open_run(storage, client, baseline, tc, base_name, parent=run_id)
+            with tracking.run_status(client, base_id):
+                base = fit_and_test(baseline, tc, data, base_name, storage, uri, base_id)
             baseline_outputs = base.outputs
             metrics.update({f"baseline/test/{k}": v for k, v in base.test_metrics.items()})
-        tracking.log_metrics(client, main.run_id, {k: v for k, v in metrics.items() if k.startswith("baseline/")})
-        tracking.log_figures(main.run_id, task.figures(main.outputs, baseline_outputs), client)
+        tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k.startswith("baseline/")})
+        tracking.log_figures(run_id, task.figures(main.outputs, baseline_outputs), client)
         model = train.load_checkpoint_model(task, main.result.checkpoint)
         version = registry.log_and_register(
             task, model, tc.register, tags={"run_name": name, **{k: f"{v:.4f}" for k, v in metrics.items()}}
         )
+    storage.write(
+        name,
+        RUN_RECORD,
+        {**storage.read(name, RUN_RECORD), "finished": True, "task_name": task.name, "model_version": version},
+    )
     validation = {k: v for k, v in (main.result.metrics or {}).items() if k.startswith("val/")}
     return JobResult(
         task=task.name,
-        run_id=main.run_id,
+        run_id=run_id,
         run_name=name,
         model_name=task.name if version else None,
         model_version=version,

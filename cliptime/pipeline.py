@@ -9,7 +9,10 @@ its own shuffling and augmentation, which are lazy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray.data
 
@@ -25,6 +28,19 @@ class PreparedData:
     task: Task  # resolved against the data (class names, time range from the shards' manifest)
     splits: dict[str, ray.data.Dataset]  # model-ready arrays per split, materialized in the object store
     rows: dict[str, int]
+    test_fingerprint: str  # names the test split's content: models scored on equal fingerprints are comparable
+
+
+def test_fingerprint(task: Task) -> str:
+    """A short hash that changes whenever the test split would: the task's settings that shape the data (the
+    shard folder's path aside), and, for shards, the bytes of the test shards. Generated data follow from the
+    settings alone."""
+    settings = {f: getattr(task.cfg, f) for f in task.data_fields if f != "data"}
+    digest = hashlib.sha256(json.dumps({"task": task.name, **settings}, sort_keys=True, default=str).encode())
+    if task.cfg.data:
+        for shard in sorted(Path(task.cfg.data, "test").glob("*.parquet")):
+            digest.update(shard.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def prepare(task: Task) -> PreparedData:
@@ -39,7 +55,7 @@ def prepare(task: Task) -> PreparedData:
         split: ds.map_batches(decode, batch_format="numpy", batch_size=DECODE_BATCH).materialize()
         for split, ds in raw.items()
     }
-    return PreparedData(task, splits, {split: ds.count() for split, ds in splits.items()})
+    return PreparedData(task, splits, {split: ds.count() for split, ds in splits.items()}, test_fingerprint(task))
 
 
 def steps_per_epoch(data: PreparedData, batch_size: int) -> int:

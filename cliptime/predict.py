@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from cliptime.data.user_files import visible_files
 from cliptime.errors import CliptimeError
 from cliptime.registry import load_model
 from cliptime.runtime import init_ray
@@ -52,7 +53,7 @@ def predict(uri: str, task: Task, model: torch.nn.Module, path: Path, args: argp
         return {"path": str(path), **task.prediction_result(predictions, args)}
     import ray.data
 
-    files = [p for p in sorted(path.rglob("*")) if p.suffix.lower().lstrip(".") in task.file_suffixes]
+    files = visible_files(path, {f".{s}" for s in task.file_suffixes})
     if not files:
         raise CliptimeError(f"{path} holds no {task.title} input files ({', '.join(task.file_suffixes)})")
     init_ray()

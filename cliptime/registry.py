@@ -18,9 +18,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import torch
@@ -33,6 +33,8 @@ from cliptime.tasks import make_task, task_ref
 from cliptime.tasks.base import Task
 
 FORMAT = 1
+CHAMPION = "champion"  # the alias sweeps move to their best model when it beats the one holding it
+PROMOTION_ROUNDS = 20  # alias reads and writes before a promotion gives up on a registry that keeps changing
 CONFIG_FILE = "cliptime.json"
 WEIGHTS_FILE = "weights.safetensors"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -118,26 +120,72 @@ def log_and_register(task: Task, model: torch.nn.Module, register: bool, tags: d
     if not register:
         return None
     version = str(info.registered_model_version)
-    for k, v in tags.items():
+    for k, v in {"run_id": run_id, **tags}.items():
         client.set_model_version_tag(task.name, version, k, v)
     return version
 
 
-def promote_champion(
-    client: MlflowClient, model: str, version: str, metric: str, value: float, mode: str
-) -> tuple[bool, Any]:
-    """Move alias `champion` to `version` only if it beats the current champion on `metric`.
-
-    Both numbers are recorded as tags of the new version. Returns (moved, the champion's value before)."""
+def champion(client: MlflowClient, model: str) -> str | None:
+    """The version that holds alias `champion` of `model`, None if none does (or no such model yet). Any other
+    registry error is raised: "could not ask" must never read as "no champion"."""
     try:
-        current = client.get_model_version_by_alias(model, "champion")
-    except MlflowException:
-        current = None
-    tag = f"sweep.{metric}"
-    before = float(current.tags[tag]) if current is not None and tag in current.tags else None
-    moved = before is None or (value > before if mode == "max" else value < before)
-    client.set_model_version_tag(model, version, tag, str(value))
-    client.set_model_version_tag(model, version, "sweep.champion_before", "none" if before is None else str(before))
-    if moved:
-        client.set_registered_model_alias(model, "champion", version)
-    return moved, before
+        version = client.get_registered_model(model).aliases.get(CHAMPION)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return None if version is None else str(version)
+
+
+def score_tag(fingerprint: str, metric: str) -> str:
+    """The version tag that holds a model's test `metric` on the test data of `fingerprint`."""
+    return f"test.{fingerprint}.{metric}"
+
+
+def promote_champion(
+    client: MlflowClient,
+    model: str,
+    version: str,
+    key: str,
+    mode: str,
+    score: Callable[[str], float],
+) -> tuple[bool, float | None]:
+    """Move alias `champion` of `model` to `version` if it beats the current champion on the same test data:
+    tag `key` (see `score_tag`), which `version` carries already. A champion without that score is first scored
+    on the data by `score(its version)`, and the score recorded on it.
+
+    Concurrent promotions are safe without a compare-and-set in the registry: each one sets the alias to the
+    best version scored on its data, then reads the alias again and repeats until the alias holds the best. A
+    promotion that set the alias from a stale view finds the better version on its next look and puts it back.
+    Ties go to the older version, so every promoter agrees on the best. Any registry error stops the
+    promotion (raised as one line). Returns (the alias holds `version`, the champion's score before)."""
+    try:
+        holder = champion(client, model)
+        before = None
+        if holder is not None:
+            tags = client.get_model_version(model, holder).tags
+            if key in tags:
+                before = float(tags[key])
+            else:
+                before = score(holder)
+                client.set_model_version_tag(model, holder, key, repr(before))
+        for _ in range(PROMOTION_ROUNDS):
+            best = _best_scored(client, model, key, mode)
+            if champion(client, model) == best:
+                return best == version, before
+            client.set_registered_model_alias(model, CHAMPION, best)
+    except MlflowException as e:
+        raise CliptimeError(
+            f"registry error while promoting {model} version {version}: {str(e).splitlines()[0]}; the alias "
+            f"{CHAMPION} was left to the registry as it stands"
+        ) from None
+    raise CliptimeError(f"the alias {CHAMPION} of {model} kept changing under this promotion; check it by hand")
+
+
+def _best_scored(client: MlflowClient, model: str, key: str, mode: str) -> str:
+    """The version of `model` with the best score `key` (ties: the older version)."""
+    scored = [
+        (float(v.tags[key]), int(v.version)) for v in client.search_model_versions(f"name = '{model}'") if key in v.tags
+    ]
+    sign = 1 if mode == "max" else -1
+    return str(max(scored, key=lambda sv: (sign * sv[0], -sv[1]))[1])

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
+import psutil
 import pyarrow.fs
 import ray
 import ray.data
+from ray._private import ray_constants
 
 from cliptime.errors import CliptimeError
+
+LOCK = "cliptime.lock"  # the run folder's lock: which process holds the run
 
 
 # -- Ray ------------------------------------------------------------------------------------------------------
@@ -26,7 +33,12 @@ def init_ray(reserved_cpus: int = 0) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        # The cluster's processes do not inherit this driver's environment: the MLflow credentials that
+        # tracking_uri() took out of the URI reach them as the job's environment variables (the cluster's
+        # dashboard shows them with the job's runtime_env). Imported here: make_shards needs no MLflow.
+        from cliptime.tracking import MOVED_CREDENTIALS
+
+        ray.init(runtime_env={"env_vars": dict(MOVED_CREDENTIALS)} if MOVED_CREDENTIALS else None)
         configure_ray_data()
     else:
         start_local_ray(max(os.cpu_count() or 1, reserved_cpus + 1))
@@ -43,8 +55,15 @@ def configure_ray_data() -> None:
 
 
 def start_local_ray(num_cpus: int, env_vars: dict[str, str] | None = None) -> None:
-    """A new Ray instance on this machine with its dashboard on 127.0.0.1, even where a `ray start` cluster on
+    """A new Ray instance on this machine that listens on 127.0.0.1 only, even where a `ray start` cluster on
     this machine would be auto-joined (address="local").
+
+    Ray binds its servers (GCS, raylet, workers, the dashboard, its agents and their metrics exports) to the
+    node's IP, or to all interfaces when that IP is not a loopback one. On Linux Ray replaces a loopback node IP
+    with the machine's address unless multi-node clusters are off: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's
+    single-machine mode on macOS and Windows, read once when Ray is imported, so its constant is switched off
+    for this start only. A token file Ray would generate is written first, readable by its owner only
+    (`write_auth_token`).
 
     The dashboard is not only for watching: Ray Train's placement-group cleaner (a detached actor) asks the
     state API, which the dashboard serves, whether a run's controller is still alive, and removes the run's
@@ -54,15 +73,39 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str] | None = None) -> No
     """
     port = free_port()
     api_server = f"http://127.0.0.1:{port}"
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server, **(env_vars or {})}},
-    )
+    write_auth_token()
+    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server, **(env_vars or {})}},
+        )
     configure_ray_data()
+
+
+def write_auth_token() -> None:
+    """Write Ray's token file, ~/.ray/auth_token, with mode 0600 where a new local Ray would generate one.
+
+    Ray 2.60 turns on token authentication for a new local Ray unless RAY_AUTH_MODE says otherwise and, with no
+    token given (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or that file), writes one with open(): readable by every
+    user of the machine under the usual umask 022. Ray reads the file written here instead. A file that exists
+    is left as it is."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # as Ray's own generator: 256 random bits
 
 
 def free_port() -> int:
@@ -105,7 +148,8 @@ class Storage:
 
     def find(self, name: str, record: str, *, what: str, prefix: str) -> tuple[str, dict]:
         """(name, record) of the run or sweep to resume: `name` itself, or with `name` 'latest' the newest folder
-        starting with `prefix` whose record is a top-level one (a baseline's record names its parent run).
+        starting with `prefix` whose record is a top-level one (a baseline's record names its parent run) and not
+        marked finished.
         `what` ("cliptime run", "tclap sweep") words the errors."""
         if name == "latest":
             found = []
@@ -115,10 +159,44 @@ class Storage:
                     found.append((marker.mtime, info.base_name))
             for _, candidate in sorted(found, reverse=True):
                 saved = self.read(candidate, record)
-                if saved is not None and "parent_run_id" not in saved:
+                if saved is not None and "parent_run_id" not in saved and not saved.get("finished"):
                     return candidate, saved
-            raise CliptimeError(f"--resume: no {what} to resume under {self.root}")
+            raise CliptimeError(f"--resume: no unfinished {what} to resume under {self.root}")
         saved = self.read(name, record)
         if saved is None:
             raise CliptimeError(f"--resume {name}: no such {what} under {self.root}")
         return name, saved
+
+    @contextmanager
+    def hold(self, name: str):
+        """Hold run (or sweep) `name` for this process while the block runs: a lock file in its folder naming
+        the host and process. A run held by a live process is refused, so two drivers never train into the same
+        checkpoints; a lock left by a process that is gone (killed, crashed) is taken over."""
+        path = f"{self.root}/{name}/{LOCK}"
+        try:
+            with self.fs.open_input_stream(path) as f:
+                holder = json.loads(f.read())
+        except (FileNotFoundError, json.JSONDecodeError):
+            holder = None
+        if holder is not None and _alive(holder):
+            raise CliptimeError(
+                f"{name} is in use by process {holder['pid']} on {holder['host']} (if that process is gone, "
+                f"remove {path})"
+            )
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+        self.write(name, LOCK, me)
+        try:
+            yield
+        finally:
+            self.fs.delete_file(path)
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the process a lock names still runs. One on another host cannot be checked, so it counts as alive;
+    on this host, the process start time tells a live holder from a new process that reuses its pid."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        return psutil.Process(holder["pid"]).create_time() == holder.get("started")
+    except (psutil.NoSuchProcess, KeyError):
+        return False

@@ -9,22 +9,43 @@ from __future__ import annotations
 import os
 import time
 import urllib.parse
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import requests
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
-from cliptime.errors import CliptimeError
+from cliptime.errors import CliptimeError, Interrupted
 
 DEFAULT_DB = "mlflow.db"
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # MLflow's own, sent as basic auth
+MOVED_CREDENTIALS: dict[str, str] = {}  # what tracking_uri() moved out of the URI into them
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    """The tracking store's URI, never with a user:password in it.
+
+    A server URI's (http, https) credentials move to MLflow's own MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (each unless set already), which its client sends with every request, and
+    MLFLOW_TRACKING_URI loses them too. Nothing downstream then holds them in a URI, so no message, param or tag,
+    nor MLflow's own "View run NAME at: URL" line, can show them. Call it before Ray starts: a local Ray's
+    processes inherit this environment; a cluster gets MOVED_CREDENTIALS from `init_ray`. A database URI keeps
+    its password (the database needs it there); `redacted` is for messages that name one."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    for var, value in zip(CREDENTIAL_VARS, userinfo.split(":", 1)):
+        if value and not os.environ.get(var):
+            os.environ[var] = MOVED_CREDENTIALS[var] = urllib.parse.unquote(value)
+    os.environ["MLFLOW_TRACKING_URI"] = uri = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return uri
 
 
 def redacted(uri: str) -> str:
@@ -39,8 +60,9 @@ def check_reachable(uri: str) -> None:
     """Fail in one line, before any training, when a remote tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
+    auth = tuple(os.environ.get(var) for var in CREDENTIAL_VARS)  # as MLflow's client sends them
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        requests.get(uri.rstrip("/") + "/health", auth=auth if all(auth) else None, timeout=5).raise_for_status()
     except requests.RequestException as e:
         raise CliptimeError(f"MLflow tracking server {redacted(uri)} is unreachable ({type(e).__name__})") from None
 
@@ -60,12 +82,33 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+@contextmanager
+def run_status(client: MlflowClient, run_id: str, *, active: bool = False):
+    """End MLflow run `run_id` with the block: FINISHED, KILLED when Ctrl-C or SIGTERM stopped it, FAILED on any
+    other error. With `active`, the run is also MLflow's active run inside the block (for `mlflow.log_*` and
+    `log_model`). A tracking store that cannot take the status (an outage) gets a warning, never hides the
+    block's own error."""
+    if active:
+        mlflow.start_run(run_id=run_id)
+    try:
+        yield
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "FAILED"
+        try:
+            mlflow.end_run(status) if active else client.set_terminated(run_id, status)
+        except Exception as marking:  # the block's own error is the one to report
+            print(f"warning: could not mark MLflow run {run_id} {status}: {str(marking).splitlines()[0]}", flush=True)
+        raise
+    mlflow.end_run() if active else client.set_terminated(run_id)
+
+
 class EpochLogger(UserCallback):
     """Logs each epoch's reported metrics (rank 0's) to the MLflow run, with the epoch as step.
 
     Runs in the Ray Train controller, on the driver's node: workers never need to reach the tracking store.
     Only reports that carry a checkpoint are logged, and a resumed run reports from the epoch after its last
-    checkpoint, so a run interrupted and resumed has one continuous history.
+    checkpoint, so a run interrupted and resumed has one continuous history. An epoch the tracking store could
+    not take (a server restarting) is logged at the end of the run by `log_missing_epochs`.
     """
 
     def __init__(self, uri: str, run_id: str):
@@ -77,7 +120,14 @@ class EpochLogger(UserCallback):
         m = metrics[0]
         step, now = int(m["epoch"]), int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in m.items() if k != "epoch"]
-        MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
+        try:  # MLflow's client retries for minutes first; training must not stop when the store stays away
+            MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
+        except (MlflowException, requests.RequestException) as e:
+            print(
+                f"warning: epoch {step} not logged to MLflow ({str(e).splitlines()[0][:200]}); training goes on, "
+                "and the epoch is logged from the checkpoint's history when the run ends",
+                flush=True,
+            )
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:

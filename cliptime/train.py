@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -22,6 +26,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from cliptime.config import TrainConfig, from_dict
+from cliptime.errors import CliptimeError
 from cliptime.tasks import make_task, task_ref
 from cliptime.tasks.base import Task
 
@@ -43,6 +48,37 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint, device: str | torch.device
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
     return state, read_history(checkpoint)
+
+
+def load_newest_intact(checkpoint: ray.train.Checkpoint, device: str | torch.device) -> tuple[dict, list[dict]]:
+    """(state, history) of the checkpoint a resumed run gets, or, when that one cannot be read (a crash while it
+    was written out, a damaged disk), of the newest older checkpoint of the run that can. Checkpoint folders
+    are named by the time Ray made them, so their names sort oldest first."""
+    fs, run_folder = checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    siblings = fs.get_file_info(pyarrow.fs.FileSelector(run_folder))
+    older = sorted(
+        (i.path for i in siblings if i.base_name.startswith("checkpoint_") and i.path < checkpoint.path.rstrip("/")),
+        reverse=True,
+    )
+    for candidate in [checkpoint, *(ray.train.Checkpoint(path, fs) for path in older)]:
+        try:
+            loaded = load_checkpoint(candidate, device)
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+            KeyError,
+            pickle.UnpicklingError,
+        ) as e:  # JSON errors are ValueErrors
+            print(
+                f"warning: checkpoint {candidate.path} is damaged ({type(e).__name__}); trying the one before",
+                flush=True,
+            )
+            continue
+        if candidate is not checkpoint:
+            print(f"resuming from {candidate.path} (epoch {loaded[0]['epoch']})", flush=True)
+        return loaded
+    raise CliptimeError(f"no checkpoint of {run_folder} can be read; start the run anew under another --name")
 
 
 def read_history(checkpoint: ray.train.Checkpoint) -> list[dict]:
@@ -105,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, tc, config["steps_per_epoch"])
     start_epoch, history = 0, []
     if checkpoint := ray.train.get_checkpoint():
-        state, history = load_checkpoint(checkpoint, device)
+        state, history = load_newest_intact(checkpoint, device)
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -227,4 +263,14 @@ def fit(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    on_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit:
+        # Ctrl-C (or SIGTERM, see cliptime.cli) in a driver: Ray Train's handler aborts the run's workers and
+        # then exits with status 0. The run is stopped, not done: to the job it is an interrupt.
+        raise KeyboardInterrupt from None
+    finally:
+        if in_main_thread:  # Ray Train leaves its handler, bound to this run, in place after the run
+            signal.signal(signal.SIGINT, on_sigint)

@@ -47,8 +47,8 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from cliptime import evaluate, registry, tracking, train
-from cliptime.config import TrainConfig, flat_params
-from cliptime.errors import CliptimeError
+from cliptime.config import TrainConfig, fits, flat_params, setting_types, type_name
+from cliptime.errors import CliptimeError, Interrupted
 from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
 from cliptime.runtime import Storage, init_ray
 from cliptime.tasks import task_class, task_ref
@@ -117,6 +117,12 @@ def load_spec(path: str | Path) -> SweepSpec:
         cls = task_class(str(raw.get("task")))
     except CliptimeError:
         raise CliptimeError(f"{path}: task {raw.get('task')!r} is not a known task") from None
+    metric = raw.get("metric", cls.monitor)
+    if not str(metric).startswith("val/"):
+        raise CliptimeError(
+            f"{path}: metric {metric!r} must be a validation metric (val/...): the champion is judged on the same "
+            "metric of the test split"
+        )
     if raw.get("mode", "max") not in ("max", "min"):
         raise CliptimeError(f"{path}: mode {raw['mode']!r} must be max or min")
     names = {f.name for f in dataclasses.fields(cls.Config)} | {f.name for f in dataclasses.fields(TrainConfig)}
@@ -126,8 +132,12 @@ def load_spec(path: str | Path) -> SweepSpec:
         bad = sorted(set(raw.get(section, {})) - names)
         if bad:
             raise CliptimeError(f"{path}: {section}.{bad[0]} is not a {cls.name} task or training setting")
+    types = setting_types(cls.Config) | setting_types(TrainConfig)
+    for name, value in raw.get("fixed", {}).items():
+        if not fits(types[name], value):
+            raise CliptimeError(f"{path}: fixed.{name} is {value!r}, not a {type_name(types[name])}")
     for name, dist in raw.get("space", {}).items():
-        _check_distribution(path, name, dist)
+        _check_distribution(path, name, dist, types[name])
         if name in cls.data_fields and "choice" not in dist:
             raise CliptimeError(
                 f"{path}: space.{name} decides the data, which a sweep prepares once per value: use choice"
@@ -137,7 +147,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise CliptimeError(f"{path}: scheduler.type {scheduler.get('type')!r} must be asha or fifo")
     spec = SweepSpec(
         task=task_ref(cls),
-        metric=raw.get("metric", cls.monitor),
+        metric=metric,
         mode=raw.get("mode", "max"),
         num_samples=int(raw.get("num_samples", 8)),
         max_concurrent=int(raw.get("max_concurrent", 1)),
@@ -151,7 +161,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def _check_distribution(path: Path, name: str, dist: Any) -> None:
+def _check_distribution(path: Path, name: str, dist: Any, setting_type: Any) -> None:
     where = f"{path}: space.{name}"
     if not isinstance(dist, dict) or len(dist) != 1:
         raise CliptimeError(f"{where} must be one of {{{' | '.join(DISTRIBUTIONS)}: [...]}}")
@@ -161,7 +171,13 @@ def _check_distribution(path: Path, name: str, dist: Any) -> None:
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise CliptimeError(f"{where}: choice needs a non-empty list of values")
+        wrong = [v for v in args if not fits(setting_type, v)]
+        if wrong:
+            raise CliptimeError(f"{where}: choice {wrong[0]!r} is not a {type_name(setting_type)}")
         return
+    sampled = int if kind == "int" else float
+    if not fits(setting_type, sampled(1)):
+        raise CliptimeError(f"{where}: {kind} samples numbers, and {name} is a {type_name(setting_type)}")
     if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
         raise CliptimeError(f"{where}: {kind} needs [low, high] numbers")
     low, high = args
@@ -237,6 +253,24 @@ def _trial(
         [tracking.EpochLogger(uri, child), TuneReportCallback()],
     )
     client.set_terminated(child)
+
+
+def _check_complete(spec: SweepSpec, results: tune.ResultGrid, resume_command: str) -> None:
+    """Only a sweep whose every trial ran to its end (or was stopped early by its scheduler) may register: one
+    stopped by Ctrl-C or SIGTERM (Tune returns what it has) or with failed trials names the command that
+    finishes it."""
+    failed = [r for r in results if r.error]
+    if failed:
+        first = str(failed[0].error).strip().splitlines()[-1]
+        raise CliptimeError(
+            f"{len(failed)} of {spec.num_samples} trials failed (last line of the first: {first}); nothing "
+            f"registered; retry them with {resume_command}"
+        )
+    if results.num_terminated < spec.num_samples:
+        raise Interrupted(
+            f"sweep stopped after {results.num_terminated} of {spec.num_samples} trials; nothing registered; "
+            f"continue it with {resume_command}"
+        )
 
 
 def _optuna_figures(spec: SweepSpec, results: tune.ResultGrid) -> dict[str, Any]:
@@ -337,6 +371,10 @@ def sweep(
     client = MlflowClient(uri)
     if resume:
         name, saved = storage.find(resume, SWEEP_RECORD, what=f"{task.name} sweep", prefix=f"sweep-{task.name}-")
+        if saved.get("finished"):
+            raise CliptimeError(
+                f"--resume {name}: that sweep finished and registered {task.name} version {saved['model_version']}"
+            )
         parent = saved["mlflow_run_id"]
     else:
         name, parent = _open_sweep(spec, spec_path, task, storage, client, experiment, name)
@@ -362,12 +400,9 @@ def sweep(
         tuner = tune.Tuner.restore(f"{storage.uri}/{name}", trainable, resume_errored=True)
     else:
         tuner = _new_tuner(spec, tc, trainable, storage, name)
-    with mlflow.start_run(run_id=parent):
+    with storage.hold(name), tracking.run_status(client, parent, active=True):
         results = tuner.fit()
-        finished = [r for r in results if r.metrics and spec.metric in r.metrics]
-        if not finished:
-            errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)
-            raise CliptimeError(f"sweep {name}: no trial reported {spec.metric} ({errors or 'no trial ran'})")
+        _check_complete(spec, results, f"python jobs/tune.py {spec_path} --resume {name}")
         best = results.get_best_result(spec.metric, spec.mode, scope="last")
         value = float(best.metrics[spec.metric])
         data, task, tc = trial_setup(spec, best.config, prepared, storage.uri, experiment)
@@ -378,24 +413,43 @@ def sweep(
         mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
         tracking.log_figures(parent, _optuna_figures(spec, results), client)
         model = train.load_checkpoint_model(task, checkpoint)
+        # The champion is judged on held-out test data, the same for both models: the sweep's metric as the
+        # test split reports it, under the test data's fingerprint.
+        ranked = spec.metric.removeprefix("val/")
+        key = registry.score_tag(data.test_fingerprint, ranked)
+        tags = {"sweep": name, "test_data": data.test_fingerprint, key: repr(metrics[ranked])}
         version = registry.log_and_register(
-            task, model, True, tags={"sweep": name, **{k: f"{v:.4f}" for k, v in test_metrics.items()}}
+            task, model, True, tags={**tags, **{k: f"{v:.4f}" for k, v in test_metrics.items()}}
         )
-        moved, before = registry.promote_champion(client, task.name, version, spec.metric, value, spec.mode)
-    champion = client.get_model_version_by_alias(task.name, "champion").version
+
+        def score(other: str) -> float:
+            """A registered version's `ranked` metric on this sweep's test split."""
+            other_task, other_model = registry.load_model(f"models:/{task.name}/{other}")
+            try:
+                return evaluate.test(other_task, tc, other_model, data.splits["test"])[0][ranked]
+            except Exception as e:
+                raise CliptimeError(
+                    f"{task.name} version {other} (the champion) cannot be scored on this sweep's test data "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); version {version} is "
+                    "registered, the alias not moved"
+                ) from None
+
+        moved, before = registry.promote_champion(client, task.name, version, key, spec.mode, score)
+        client.set_model_version_tag(task.name, version, "champion_before", "none" if before is None else repr(before))
+    storage.write(name, SWEEP_RECORD, {**storage.read(name, SWEEP_RECORD), "finished": True, "model_version": version})
     return {
         "sweep": name,
         "run_id": parent,
         "trials": len(results),
-        "finished_trials": len(finished),
         "prepared_data_sets": len(prepared),
         "best_config": best.config,
         "metric": spec.metric,
         "best_value": value,
         "test_metrics": metrics,
+        "test_data": data.test_fingerprint,
         "model_name": task.name,
         "model_version": version,
         "champion_moved": moved,
-        "champion_value_before": before,
-        "champion_version": str(champion),
+        "champion_test_before": before,
+        "champion_version": registry.champion(client, task.name),
     }

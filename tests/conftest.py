@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
-from cliptime.runtime import start_local_ray
+from cliptime.runtime import free_port, start_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,10 +57,55 @@ def empty_store(migrated_store_file, tmp_path) -> str:
     return f"sqlite:///{path}"
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """An `mlflow server` on 127.0.0.1 (SQLite backend, proxied local artifact store); its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "server"),
+            *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+            *("--artifacts-destination", str(root / "artifacts")),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", "2"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if requests.get(f"{uri}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
+        time.sleep(1)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
 @pytest.fixture
 def tracking(mlflow_store, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     return mlflow_store
+
+
+@pytest.fixture
+def moved_credentials(monkeypatch) -> dict[str, str]:
+    """What tracking_uri() moves out of a tracking URI in this test. The MLflow credential variables it fills are
+    emptied (unset, to MLflow and tracking_uri) for the test and restored after it; set MLFLOW_TRACKING_URI with
+    monkeypatch too, so that the clean URI tracking_uri() writes there is undone as well."""
+    from cliptime import tracking
+
+    for var in tracking.CREDENTIAL_VARS:
+        monkeypatch.setenv(var, "")
+    moved = {}
+    monkeypatch.setattr(tracking, "MOVED_CREDENTIALS", moved)
+    return moved
 
 
 def run_job(script: str, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 900):

@@ -50,14 +50,33 @@ def test_the_data_are_made_once(toy_run):
     assert sorted(lines) == sorted(["train 0", "train 1", "train 2", "train 3", "val 0", "test 0"])
 
 
-def test_a_finished_run_resumed_keeps_its_one_version(toy_run, monkeypatch):
+def test_a_finished_run_is_not_resumed_into_a_new_version(toy_run, monkeypatch):
     result, task, tc, uri, root = toy_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    resumed = job.run(ToyTask(ToyConfig()), ToyTask.train_config(resume="latest", storage_path=tc.storage_path))
-    assert (resumed.run_id, resumed.model_version) == (result.run_id, result.model_version)
+    with pytest.raises(CliptimeError, match="no unfinished toy run to resume"):
+        job.run(task, ToyTask.train_config(resume="latest", storage_path=tc.storage_path))
+    with pytest.raises(
+        CliptimeError, match=f"--resume {result.run_name}: that run finished and registered toy version 1"
+    ):
+        job.run(task, ToyTask.train_config(resume=result.run_name, storage_path=tc.storage_path))
     assert [str(v.version) for v in registered_versions(uri, "toy")] == ["1"]
-    history = MlflowClient(uri).get_metric_history(result.run_id, "train/loss")
-    assert sorted(m.step for m in history) == [0, 1, 2]  # no epoch trained or logged twice
+
+
+def test_registering_a_run_again_returns_its_version(toy_run, monkeypatch, capsys):
+    """A job that dies between registering and recording that it finished registers nothing more on --resume."""
+    import mlflow
+
+    from cliptime.registry import log_and_register
+
+    result, _, _, uri, _ = toy_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    task, model = load(f"models:/toy/{result.model_version}")
+    with mlflow.start_run(run_id=result.run_id):
+        assert log_and_register(task, model, True, {}) == result.model_version
+    assert f"run {result.run_id} is already registered as toy version 1" in capsys.readouterr().out
+    assert [str(v.version) for v in registered_versions(uri, "toy")] == ["1"]
+    assert MlflowClient(uri).get_model_version("toy", "1").tags["run_id"] == result.run_id
 
 
 def test_a_name_in_use_is_refused_with_the_command_to_continue(toy_run):
@@ -92,6 +111,32 @@ def test_records_are_replaced_whole_and_latest_skips_baselines(tmp_path):
         storage.read("tclap-1", "run.json")
     with pytest.raises(CliptimeError, match="--resume nope: no such tclap run"):
         storage.find("nope", "run.json", what="tclap run", prefix="tclap-")
+
+
+def test_a_run_held_by_a_live_process_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    storage = Storage(str(tmp_path))
+    with storage.hold("toy-1"):
+        with pytest.raises(CliptimeError, match=r"toy-1 is in use by process \d+ on .*remove .*cliptime.lock"):
+            with storage.hold("toy-1"):
+                pass
+    assert not (tmp_path / "toy-1" / "cliptime.lock").exists()
+    gone = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, socket, psutil, json; print(json.dumps({'host': "
+            "socket.gethostname(), 'pid': os.getpid(), 'started': psutil.Process().create_time()}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    storage.write("toy-1", "cliptime.lock", json.loads(gone))
+    with storage.hold("toy-1"):  # its process has exited
+        assert json.loads((tmp_path / "toy-1" / "cliptime.lock").read_text())["pid"] != json.loads(gone)["pid"]
 
 
 # -- the registered model: plain files, loaded without running code from the registry ---------------------------

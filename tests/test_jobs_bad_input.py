@@ -6,6 +6,7 @@ import pytest
 
 from cliptime.cli import make_shards_main, train_main
 from tests.conftest import registered_versions
+from tests.test_shards import damage_a_data_page, set_values
 
 
 def assert_clean_failure(code: int, err: str, named: str, uri: str, model: str):
@@ -43,7 +44,7 @@ def fungal_shards(ray_session, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damage", ["truncate", "drop_column"])
+@pytest.mark.parametrize("damage", ["truncate", "drop_column", "damaged_page", "nan_target"])
 def test_cliptime_rejects_damaged_shards(damage, fungal_shards, empty_store, monkeypatch, tmp_path, capsys):
     import shutil
 
@@ -51,8 +52,12 @@ def test_cliptime_rejects_damaged_shards(damage, fungal_shards, empty_store, mon
     victim = sorted((data / "train").glob("*.parquet"))[0]
     if damage == "truncate":
         victim.write_bytes(victim.read_bytes()[:-100])
-    else:
+    elif damage == "drop_column":
         pq.write_table(pq.read_table(victim).drop_columns(["caption"]), victim)
+    elif damage == "damaged_page":
+        damage_a_data_page(victim)
+    else:
+        set_values(victim, "t", [1], float("nan"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
     capsys.readouterr()
     code = train_main("cliptime", "", ["--data", str(data), "--storage-path", str(tmp_path / "rr")])

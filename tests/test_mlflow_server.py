@@ -1,18 +1,12 @@
-"""The jobs against an `mlflow server` on 127.0.0.1 (SQLite backend, proxied local artifact store)."""
+"""The jobs against an `mlflow server` on 127.0.0.1 (conftest's `mlflow_server`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 
 import mlflow
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from cliptime import job, registry
@@ -26,36 +20,6 @@ from tests.conftest import registered_versions
 TINY = {"sequences": 7, "frames": 10, "image_size": 32, "head_depth": 1, "ffn_dim": 64}
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mlflow", "server"),
-            *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
-            *("--artifacts-destination", str(root / "artifacts")),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", "2"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if requests.get(f"{uri}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            pass
-        assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
-        time.sleep(1)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
-
-
 def test_unreachable_server_is_named_in_one_line_before_training(monkeypatch, tmp_path, capsys):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -66,9 +30,12 @@ def test_unreachable_server_is_named_in_one_line_before_training(monkeypatch, tm
 
 
 @pytest.mark.slow
-def test_job_logs_and_registers_through_the_server(ray_session, mlflow_server, monkeypatch, tmp_path, capfd):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-s3cret")  # sent to the server, never logged or printed
+def test_job_logs_and_registers_through_the_server(
+    ray_session, mlflow_server, moved_credentials, monkeypatch, tmp_path, capfd
+):
+    # a user:password in the URI and a token: sent to the server, never logged or printed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.replace("http://", "http://cliptime:pw-s3cret@"))
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-s3cret")
     tc = TrainConfig(epochs=1, batch_size=16, cpus_per_worker=1, storage_path=str(tmp_path), experiment="server")
     result = job.run(make_task("cliptime", TINY), tc)
     client = MlflowClient(mlflow_server)

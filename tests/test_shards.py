@@ -1,5 +1,8 @@
 import json
+import re
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -43,6 +46,46 @@ def test_truncated_shard_is_named(shard_dir, tmp_path):
     victim = sorted((broken / "val").glob("*.parquet"))[0]
     victim.write_bytes(victim.read_bytes()[:200])
     with pytest.raises(CliptimeError, match=f"corrupt or truncated Parquet shard {victim}"):
+        open_shards(broken, "cliptime", make_task("cliptime").schema)
+
+
+def damage_a_data_page(shard: Path) -> None:
+    """Invert 8 bytes in the middle of the image column's pages of the first row group; the footer stays intact."""
+    chunk = pq.ParquetFile(shard).metadata.row_group(0).column(0)
+    assert chunk.path_in_schema == "image"
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    middle = start + chunk.total_compressed_size // 2
+    data = bytearray(shard.read_bytes())
+    data[middle : middle + 8] = bytes(255 - b for b in data[middle : middle + 8])
+    shard.write_bytes(bytes(data))
+    assert pq.read_schema(shard).names[0] == "image"  # the footer still reads
+
+
+def test_a_damaged_data_page_is_named(shard_dir, tmp_path):
+    """PNG bytes do not compress further, so a damaged byte in their pages decodes without error: only the page
+    checksums find it (else a damaged image would reach training, inside Ray)."""
+    broken = copy_tree(shard_dir, tmp_path / "broken")
+    victim = sorted((broken / "train").glob("*.parquet"))[0]
+    damage_a_data_page(victim)
+    with pytest.raises(CliptimeError, match=re.escape(f"corrupt or truncated Parquet shard {victim}: ")) as error:
+        open_shards(broken, "cliptime", make_task("cliptime").schema)
+    assert "\n" not in str(error.value)
+
+
+def set_values(shard: Path, column: str, rows: list[int], value: float) -> None:
+    table = pq.read_table(shard)
+    values = table.column(column).to_numpy().copy()
+    values[rows] = value
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values)), shard)
+
+
+@pytest.mark.parametrize("column,value", [("t", np.nan), ("hours", np.inf), ("t", -np.inf)])
+def test_nan_or_infinite_targets_are_counted_and_named(shard_dir, tmp_path, column, value):
+    broken = copy_tree(shard_dir, tmp_path / "broken")
+    victim = sorted((broken / "val").glob("*.parquet"))[0]
+    set_values(victim, column, [0, 2], value)
+    expected = f"Parquet shard {victim}: column {column!r} has 2 NaN, infinite or missing values"
+    with pytest.raises(CliptimeError, match=re.escape(expected)):
         open_shards(broken, "cliptime", make_task("cliptime").schema)
 
 

@@ -15,10 +15,10 @@ from PIL import Image
 
 from cliptime.cli import make_shards_main
 from cliptime.convert import write_user_shards
-from cliptime.data.esc50 import ESC50Config
+from cliptime.data.esc50 import ESC50Config, read_meta
 from cliptime.data.shards import open_shards
 from cliptime.data.sound_events import from_pcm16
-from cliptime.data.timelapse import TimelapseConfig
+from cliptime.data.timelapse import PhotoReader, TimelapseConfig, list_photos
 from cliptime.errors import CliptimeError
 from cliptime.pipeline import prepare
 from cliptime.tasks import TASKS, make_task
@@ -122,12 +122,29 @@ def photo_without_time(root):
     return "late.jpg: no time"
 
 
+def fake_heic(root):
+    """An iPhone photo PIL cannot decode (no HEIF plugin), here an ISO-media header with nothing behind it."""
+    exif_folder(root)
+    bad = root / "dish-a" / "hyphae" / "IMG_0001.HEIC"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    return str(bad)
+
+
+def photo_listed_twice(root):
+    exif_folder(root)
+    (root / "manifest.csv").write_text(
+        "path,stage,hours\ndish-a/spore/000.jpg,spore,0\ndish-b/spore/000.jpg,spore,0\ndish-a/./spore/000.jpg,spore,5\n"
+    )
+    return "manifest.csv line 4: dish-a/./spore/000.jpg is listed twice (also on line 2)"
+
+
 @pytest.mark.parametrize(
     "make_bad",
     [
         truncated_photo,
+        fake_heic,
         *(pytest.param(f, marks=pytest.mark.slow) for f in (manifest_points_at_missing_file, unparseable_timestamp)),
-        pytest.param(photo_without_time, marks=pytest.mark.slow),
+        *(pytest.param(f, marks=pytest.mark.slow) for f in (photo_without_time, photo_listed_twice)),
     ],
 )
 def test_timelapse_bad_input_stops_or_is_skipped(ray_session, tmp_path, make_bad):
@@ -142,6 +159,59 @@ def test_timelapse_bad_input_stops_or_is_skipped(ray_session, tmp_path, make_bad
     )
     assert len(result["skipped"]) == 1 and named in result["skipped"][0]
     assert result["manifest"]["source"]["skipped"] == 1
+
+
+@pytest.mark.parametrize("hours", ["inf", "-inf", "nan", "1e400"])
+def test_manifest_hours_must_be_finite(tmp_path, hours):
+    exif_folder(tmp_path)
+    (tmp_path / "manifest.csv").write_text(f"path,stage,hours\ndish-a/spore/000.jpg,spore,{hours}\n")
+    photos, problems = list_photos(tmp_path)
+    assert [str(p) for p in problems] == [
+        f"{tmp_path / 'manifest.csv'} line 2: hours {hours!r} is not a finite non-negative number"
+    ]
+    assert photos["hours"].isna().all()  # the photo keeps no hours from the bad row
+
+
+def test_hidden_files_and_folders_are_not_photos(tmp_path):
+    """macOS's `._*` resource forks (not images at all), `.DS_Store` and hidden folders are neither data nor bad
+    input."""
+    exif_folder(tmp_path)
+    expected = sorted(str(p) for p in tmp_path.rglob("*.jpg"))
+    (tmp_path / "dish-a" / "spore" / "._000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    (tmp_path / "dish-a" / ".DS_Store").write_bytes(b"Bud1")
+    photo(tmp_path / "dish-b" / ".thumbnails" / "000.jpg", 0)
+    photo(tmp_path / ".Trashes" / "501" / "old.jpg", 0)
+    photos, problems = list_photos(tmp_path)
+    assert sorted(photos["input"]) == expected and problems == []
+
+
+def test_a_folder_of_only_hidden_files_has_nothing_to_predict(tmp_path):
+    """Prediction on a folder lists its files as make_shards does: hidden ones are not inputs."""
+    from cliptime.predict import predict
+
+    (tmp_path / "._photo.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    photo(tmp_path / ".cache" / "thumb.png", 0)
+    with pytest.raises(CliptimeError, match="holds no CLIPTime input files"):
+        predict("models:/unused/1", make_task("cliptime"), None, tmp_path, None)
+
+
+def test_a_file_pil_cannot_decode_is_named_by_the_reader(tmp_path):
+    """Without a HEIF plugin PIL cannot open HEIC: the photo is listed, and the read pass names it."""
+    named = fake_heic(tmp_path)
+    photos, _ = list_photos(tmp_path)
+    assert named in set(photos["input"])
+    read = PhotoReader(32)(pd.DataFrame({"input": [named, str(tmp_path / "dish-a" / "spore" / "000.jpg")]}))
+    assert read["error"].iloc[0].startswith("unreadable or truncated image (cannot identify image file")
+    assert read["error"].iloc[1] == "" and Image.open(io.BytesIO(read["image"].iloc[1])).size == (32, 32)
+
+
+def test_a_photo_listed_twice_in_the_manifest_is_named(tmp_path):
+    expected = photo_listed_twice(tmp_path)
+    photos, problems = list_photos(tmp_path)
+    assert [str(p) for p in problems] == [f"{tmp_path}/{expected}"]
+    labelled = photos.set_index("input").loc[str(tmp_path / "dish-a" / "spore" / "000.jpg")]
+    assert labelled["hours"] == 0.0  # the first row's labels; the duplicate is not applied
+    assert photos["input"].is_unique
 
 
 def test_empty_photo_folder_is_a_one_line_error(ray_session, tmp_path, capsys):
@@ -233,6 +303,19 @@ def test_esc50_bad_input_stops_or_is_skipped(ray_session, tmp_path, make_bad):
     assert not (tmp_path / "shards").exists() and [p.name for p in tmp_path.iterdir()] == ["esc"]
     result = write_user_shards(TCLAP, "esc50", tmp_path / "esc", tmp_path / "shards", ESC50Config(), skip_bad=True)
     assert len(result["skipped"]) == 1 and named in result["skipped"][0]
+
+
+def test_esc50_recording_listed_twice_is_named(tmp_path):
+    esc_folder(tmp_path)
+    meta = tmp_path / "meta" / "esc50.csv"
+    first = meta.read_text().splitlines()[1]
+    with open(meta, "a") as f:
+        f.write(first.replace(",1,", ",3,", 1) + "\n")  # the same file again, in another fold
+    recordings, problems = read_meta(tmp_path, ESC50Config())
+    name = first.split(",")[0]
+    assert [str(p) for p in problems] == [f"{meta} line 42: audio/{name} is listed twice (also on line 2)"]
+    assert (recordings["input"] == str(tmp_path / "audio" / name)).sum() == 1
+    assert recordings.loc[recordings["input"] == str(tmp_path / "audio" / name), "fold"].item() == 1
 
 
 def test_esc50_csv_with_missing_columns_is_named(ray_session, tmp_path, capsys):

@@ -109,16 +109,20 @@ def read_meta(root: Path, cfg: ESC50Config) -> tuple[pd.DataFrame, list[BadInput
     if table.empty:
         raise CliptimeError(f"{meta} lists no recordings")
     rows, problems = [], []
+    listed: dict[Path, int] = {}  # recording -> the line that lists it
     for i, row in enumerate(table.to_dict("records")):
         where = f"{meta} line {i + 2}"
         path = root / "audio" / row["filename"]
         if not row["filename"] or not path.is_file():
             problems.append(BadInput(where, f"audio/{row['filename']} does not exist"))
+        elif path in listed:
+            problems.append(BadInput(where, f"audio/{row['filename']} is listed twice (also on line {listed[path]})"))
         elif not row["fold"].strip().isdigit():
             problems.append(BadInput(where, f"fold {row['fold']!r} is not a number"))
         elif not row["category"].strip():
             problems.append(BadInput(where, "empty category"))
         else:
+            listed[path] = i + 2
             src = row.get("src_file") or Path(row["filename"]).stem
             rows.append({"input": str(path), "category": row["category"].strip(), "fold": int(row["fold"]), "src": src})
     recordings = pd.DataFrame(rows, columns=["input", "category", "fold", "src"])

@@ -9,7 +9,8 @@ Layout::
       test/*.parquet
 
 Shards are written into a hidden temporary directory beside DATA_DIR and renamed into place only when every split
-and the manifest are complete, so a failed or interrupted run leaves no half-written data set.
+and the manifest are complete, so a failed or interrupted run leaves no half-written data set. Every data page
+carries a CRC checksum, so a damaged byte is found when the shards are checked, not read silently as data.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def write_shards(
     try:
         counts = {}
         for split, ds in datasets.items():
-            ds.write_parquet(str(tmp / split), min_rows_per_file=rows_per_file)
+            ds.write_parquet(str(tmp / split), min_rows_per_file=rows_per_file, write_page_checksum=True)
             counts[split] = split_counts(tmp / split, label)
         manifest = {"task": task, "schema_version": SCHEMA_VERSION, "splits": counts, "source": source}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -104,19 +105,38 @@ def read_manifest(data_dir: str | Path, task: str) -> dict[str, Any]:
     return manifest
 
 
-def check_shard(path: Path, schema: pa.Schema) -> None:
-    """Read the footer of one shard: truncated or corrupt files and missing or mistyped columns fail here."""
-    try:
-        found = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CliptimeError(f"corrupt or truncated Parquet shard {path}: {first_line}") from None
+def check_columns(path: Path, found: pa.Schema, schema: pa.Schema) -> None:
+    """Shard `path`, whose columns are `found`, has every column of `schema` with its type (or large_binary for
+    binary, which Ray writes for very large row groups)."""
     for want in schema:
         if want.name not in found.names:
             raise CliptimeError(f"Parquet shard {path} has no column {want.name!r}")
         got = found.field(want.name).type
         if not (got == want.type or (pa.types.is_large_binary(got) and pa.types.is_binary(want.type))):
             raise CliptimeError(f"Parquet shard {path}: column {want.name!r} is {got}, expected {want.type}")
+
+
+def check_shard(path: Path, schema: pa.Schema) -> None:
+    """Read one shard through, as training will: a truncated file or damaged footer, a missing or mistyped column,
+    a data page that fails its checksum or does not decode, and NaN, infinite or missing values in a float column
+    (a target such as CLIPTime's `t`) fail here, naming the file, instead of inside Ray during training.
+
+    Read batch by batch, so a shard costs the memory of one row group. Shards written before page checksums (or
+    by other tools) have none to verify; their pages are still decoded."""
+    not_finite = {f.name: 0 for f in schema if pa.types.is_floating(f.type)}
+    try:
+        with pq.ParquetFile(path, page_checksum_verification=True) as shard:
+            check_columns(path, shard.schema_arrow, schema)
+            for batch in shard.iter_batches(columns=schema.names):
+                for name in not_finite:
+                    # is_finite is null for a missing value, so only finite values count as True
+                    not_finite[name] += batch.num_rows - pc.sum(pc.is_finite(batch[name]), min_count=0).as_py()
+    except (pa.ArrowException, OSError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CliptimeError(f"corrupt or truncated Parquet shard {path}: {first_line}") from None
+    for name, count in not_finite.items():
+        if count:
+            raise CliptimeError(f"Parquet shard {path}: column {name!r} has {count} NaN, infinite or missing values")
 
 
 def open_shards(data_dir: str | Path, task: str, schema: pa.Schema) -> tuple[dict[str, ray.data.Dataset], dict]:

@@ -13,7 +13,9 @@ Every photo in a series sub-folder is used; `manifest.csv` (paths relative to PH
 names. A photo's time: `hours` from the manifest; else its time stamp (the manifest's `timestamp`, else the
 photo's EXIF DateTimeOriginal) minus that of the first photo of its series. Its stage: the manifest's, else
 the name of a folder on its path. Its caption: the manifest's, else one of the stage's templates. Photos are
-center-cropped and resized to the model's input size. Splits (70/15/15, at least one series each) are by series,
+prepared by `model_photo` (upright by EXIF, 8-bit RGB, center-cropped and resized to the model's input size),
+which prediction uses too. Hidden files and folders (macOS's `._*`) are ignored; a photo PIL cannot decode (HEIC
+without a plugin, a damaged file) is a bad input. Splits (70/15/15, at least one series each) are by series,
 never by photo. The normalized time t is hours over the longest series' span (`source.hours` of the manifest).
 """
 
@@ -30,13 +32,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray.data
+from PIL import Image, ImageOps
 
 from cliptime.config import option
 from cliptime.data.fungal_growth import STAGES, caption_templates
-from cliptime.data.user_files import BadInput, by_split, read_checked, settle
+from cliptime.data.user_files import BadInput, by_split, read_checked, settle, visible_files
 from cliptime.errors import CliptimeError
 
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+# HEIC/HEIF are listed so that an iPhone's photos are named as unreadable (PIL decodes them only with a plugin
+# such as pillow-heif registered), not silently left out.
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".avif", ".heic", ".heif"}
+# what PIL raises for a file it cannot decode, and to_rgb8 for NaN pixels
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 MANIFEST = "manifest.csv"
 EXIF_IFD, DATETIME_ORIGINAL = 0x8769, 36867
 EXIF_TIME_FORMAT = "%Y:%m:%d %H:%M:%S"
@@ -62,6 +69,37 @@ def parse_time(text: str) -> float:
     return when.timestamp()
 
 
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB of an image of any mode, scaling deep images rather than clipping them (PIL's own conversion
+    clips a 16-bit image at 255 and turns a 0..1 float image black).
+
+    Integer images of more than 8 bits (modes I;16*, I) are divided by the top value of the smallest even bit
+    depth, at least 8, that holds the image's maximum, taken for the camera's bit depth, which 16-bit files seldom
+    record (a 12-bit camera's frames stored in 16-bit files are divided by 4095, a full 16-bit image by 65535). A frame
+    whose maximum is below a quarter of its camera's range is therefore brightened 4 times (16 times below a
+    sixteenth, ...); negative values become 0. Float images (mode F) are taken as 0..1 when all values lie there,
+    else stretched from their minimum to their maximum. NaN or infinite pixels raise ValueError."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    x = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("NaN or infinite pixel values")
+    if image.mode == "F":
+        lo, hi = (0.0, 1.0) if 0 <= x.min() and x.max() <= 1 else (x.min(), x.max())
+    else:
+        bits = max(8, int(x.max()).bit_length())
+        lo, hi = 0.0, 2.0 ** (bits + bits % 2) - 1
+    scaled = np.clip((x - lo) / ((hi - lo) or 1.0), 0.0, 1.0) * 255
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L").convert("RGB")
+
+
+def model_photo(photo: Image.Image, size: int) -> Image.Image:
+    """A photo as the model sees it: turned upright by its EXIF orientation, in 8-bit RGB (`to_rgb8`),
+    center-cropped and resized to `size` x `size`. Shards and predictions both prepare photos here, so a model is
+    asked about photos prepared exactly as those it learnt from. Decodes the whole file: truncation fails here."""
+    return ImageOps.fit(to_rgb8(ImageOps.exif_transpose(photo)), (size, size), Image.BICUBIC)
+
+
 class PhotoReader:
     """Read pass (see cliptime.data.user_files): a photo -> PNG at the model's size and its raw EXIF time."""
 
@@ -71,27 +109,25 @@ class PhotoReader:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import io
 
-        from PIL import Image, ImageOps
-
         out: dict[str, list] = {"error": [], "image": [], "exif_time": []}
         for path in batch["input"]:
             image, taken, error = b"", "", ""
             try:
                 with Image.open(path) as photo:
                     taken = str(photo.getexif().get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL, "")).strip("\x00 ")
-                    rgb = ImageOps.exif_transpose(photo).convert("RGB")  # decodes it all: truncation fails here
+                    prepared = model_photo(photo, self.size)
                 buf = io.BytesIO()
-                ImageOps.fit(rgb, (self.size, self.size), Image.BICUBIC).save(buf, format="PNG", compress_level=1)
+                prepared.save(buf, format="PNG", compress_level=1)
                 image = buf.getvalue()
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            except UNREADABLE_IMAGE as e:
                 error = f"unreadable or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
             for k, v in zip(out, (error, image, taken)):
                 out[k].append(v)
         return batch.assign(**out)
 
 
-def non_negative(x: float) -> float:
-    if not x >= 0:  # NaN too
+def finite_non_negative(x: float) -> float:
+    if not (math.isfinite(x) and x >= 0):
         raise ValueError(x)
     return x
 
@@ -109,7 +145,7 @@ def list_photos(root: Path) -> tuple[pd.DataFrame, list[BadInput]]:
     """One row per photo: input (path), series, and the labels the manifest and folder names give it."""
     if not root.is_dir():
         raise CliptimeError(f"photo folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    files = visible_files(root, PHOTO_SUFFIXES)
     if not files:
         raise CliptimeError(f"photo folder {root} is empty: no {'/'.join(sorted(PHOTO_SUFFIXES))} files found")
     rows = {p.relative_to(root): _no_labels() for p in files}
@@ -119,12 +155,17 @@ def list_photos(root: Path) -> tuple[pd.DataFrame, list[BadInput]]:
         table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
         if "path" not in table.columns:
             raise CliptimeError(f"{manifest} has no 'path' column (expected path,stage,hours or path,stage,timestamp)")
+        listed: dict[Path, int] = {}  # photo -> the manifest line that labels it
         for i, row in enumerate(table.to_dict("records")):
             where = f"{manifest} line {i + 2}"
-            rel = Path(row["path"])
+            rel = Path(row["path"])  # Path equality ignores "./" and doubled slashes
             if not (root / rel).is_file():
                 problems.append(BadInput(where, f"{row['path']} does not exist"))
                 continue
+            if rel in listed:
+                problems.append(BadInput(where, f"{row['path']} is listed twice (also on line {listed[rel]})"))
+                continue
+            listed[rel] = i + 2
             labels = rows.setdefault(rel, _no_labels())
             labels["caption"] = row.get("caption", "")
             stage = row.get("stage", "").strip()
@@ -135,9 +176,9 @@ def list_photos(root: Path) -> tuple[pd.DataFrame, list[BadInput]]:
             hours = row.get("hours", "").strip()
             try:
                 if hours:
-                    labels["hours"] = non_negative(float(hours))
+                    labels["hours"] = finite_non_negative(float(hours))
             except ValueError:
-                problems.append(BadInput(where, f"hours {hours!r} is not a non-negative number"))
+                problems.append(BadInput(where, f"hours {hours!r} is not a finite non-negative number"))
             try:
                 if row.get("timestamp", "").strip():
                     labels["timestamp"] = parse_time(row["timestamp"])

@@ -34,6 +34,19 @@ class BadInput:
         return f"{self.input}: {self.reason}"
 
 
+def visible_files(root: Path, suffixes: set[str]) -> list[Path]:
+    """The files under `root` whose suffix (lower-cased, with its dot) is in `suffixes`, sorted. Hidden files and
+    folders (a name starting with "."), such as the `._*` files macOS writes beside photos copied to another disk,
+    or `.Trashes`, are neither data nor errors: they are left out."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
 def settle(problems: list[BadInput], skip_bad: bool) -> list[str]:
     """Stop on the first problem, or (with --skip-bad) return them all as lines for the report."""
     if problems and not skip_bad:

@@ -114,6 +114,7 @@ class CLIPTimeModel(nn.Module):
 
 
 def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """A shard row's image (RGB PNG) -> uint8 HWC at the model's `size` (resized if the shards have another)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     if image.size != size:
         image = image.resize(size, Image.BILINEAR)
@@ -333,9 +334,10 @@ class CLIPTimeTask(Task):
         captions = [c if isinstance(c, str) and c.strip() else NEUTRAL_CAPTION for c in captions]
         images = []
         for i, data in enumerate(inputs["image"]):
-            try:
-                images.append(decode_image(bytes(data), model.image_size))
-            except Exception as e:  # PIL raises several types for undecodable input
+            try:  # a photo prepared as make_shards prepares it (upright, deep images scaled, center-cropped)
+                with Image.open(io.BytesIO(bytes(data))) as photo:
+                    images.append(np.asarray(timelapse.model_photo(photo, model.image_size[0])))
+            except timelapse.UNREADABLE_IMAGE as e:
                 raise CliptimeError(f"input row {i}: not a readable image ({type(e).__name__})") from None
         tokens = tokenizer_for(self.cfg.model)(captions).to(device)
         logits, t_pred = model(torch.from_numpy(np.stack(images)).to(device), tokens)
