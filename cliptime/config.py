@@ -49,7 +49,9 @@ class TrainConfig:
         "PACK", "where workers go: PACK (fewest nodes), SPREAD, or STRICT_SPREAD (each on its own node)"
     )
     max_failures: int = option(
-        2, "when a worker or its node dies, restart from the last checkpoint up to this many times (-1: always)"
+        2,
+        "when a worker or its node dies, restart from the last checkpoint up to this many times (-1: always)",
+        negative=True,
     )
     storage_path: str = option("~/ray_results", "where checkpoints and Ray results go (local dir, NFS or s3://)")
     name: str = option("", "run name under --storage-path (default: <task>-<timestamp>)")
@@ -59,6 +61,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject settings that Ray or the loop would only trip over after start-up, naming the flag."""
+        check_not_negative(self)
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise CliptimeError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 1 or more")
@@ -75,6 +78,18 @@ class TrainConfig:
             )
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise CliptimeError(f"--amp-dtype {self.amp_dtype!r}: expected bfloat16 or float16")
+
+
+def check_not_negative(cfg: Any) -> None:
+    """No number of a config is negative (sizes, counts, weights, rates, seeds), unless its field says
+    `negative=True`; names the first flag that is."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not f.metadata.get("negative") and any(v < 0 for v in numbers):
+            shown = " ".join(f"{v:g}" for v in values) if isinstance(value, tuple) else f"{value:g}"
+            raise CliptimeError(f"--{f.name.replace('_', '-')} {shown}: expected 0 or more")
 
 
 def _field_type(cls, f: dataclasses.Field) -> Any:
@@ -96,7 +111,7 @@ def add_dataclass_args(
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)r)"
         flags = [flag, *f.metadata.get("aliases", ())]
-        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "aliases", "flag")}
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "aliases", "flag", "negative")}
         extra.update(dest=f.name, default=default, help=helptext)
         if kind is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **extra)
@@ -164,6 +179,7 @@ def flat_params(prefix: str, cfg: Any) -> dict[str, Any]:
 __all__ = [
     "TrainConfig",
     "add_dataclass_args",
+    "check_not_negative",
     "from_dict",
     "from_namespace",
     "fits",

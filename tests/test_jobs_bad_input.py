@@ -29,6 +29,9 @@ def assert_clean_failure(code: int, err: str, named: str, uri: str, model: str):
         (["--batch-size", "64", "--grad-accum", "3"], "--grad-accum 3"),
         (["--epochs", "0"], "--epochs 0"),
         (["--num-workers", "0"], "--num-workers 0"),
+        (["--image-size", "-32"], "--image-size -32: expected 0 or more"),
+        (["--caption-dropout", "-0.5"], "--caption-dropout -0.5: expected 0 or more"),
+        (["--weight-decay", "-1"], "--weight-decay -1: expected 0 or more"),
     ],
 )
 def test_cliptime_rejects_bad_settings(args, named, ray_session, empty_store, monkeypatch, tmp_path, capsys):

@@ -139,6 +139,7 @@ def test_a_sweep_makes_its_data_once_registers_the_best_and_sets_champion(
     assert version.tags["champion_before"] == "none" and result["champion_test_before"] is None
 
     # The same sweep again: registered as a new version, judged against the champion on the same test data.
+    path.write_text(yaml.safe_dump({**spec, "num_samples": 1}))
     again = sweep(str(path), str(tmp_path / "rr"), "test-sweeps")
     assert again["test_data"] == result["test_data"] and again["model_version"] == "2"
     assert again["champion_test_before"] == result["test_metrics"]["accuracy"]

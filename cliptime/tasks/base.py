@@ -27,7 +27,7 @@ import ray.data
 import torch
 from torch import nn
 
-from cliptime.config import TrainConfig, from_dict
+from cliptime.config import TrainConfig, check_not_negative, from_dict
 
 Batch = dict[str, torch.Tensor]
 NumpyBatch = dict[str, np.ndarray]
@@ -64,6 +64,7 @@ class Task(ABC):
     tiny_model: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Any):
+        check_not_negative(cfg)  # sizes, counts, weights: never negative, whatever the task
         self.cfg = cfg
 
     @classmethod
