@@ -16,19 +16,13 @@ from collections.abc import Callable
 import ray
 
 from cliptime.config import TrainConfig, add_dataclass_args, from_namespace
-from cliptime.errors import CliptimeError, Interrupted
+from cliptime.errors import CliptimeError, Interrupted, find_cause
 from cliptime.tasks import TASKS, task_class
 
 
 def user_error(e: BaseException) -> CliptimeError | None:
     """The CliptimeError behind `e`, also when it was raised inside a Ray task or worker."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, CliptimeError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__
-    return None
+    return find_cause(e, lambda cause: isinstance(cause, CliptimeError))
 
 
 def run_job(job: Callable[[], object]) -> int:

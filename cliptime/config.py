@@ -89,7 +89,8 @@ def check_not_negative(cfg: Any) -> None:
         numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if not f.metadata.get("negative") and any(v < 0 for v in numbers):
             shown = " ".join(f"{v:g}" for v in values) if isinstance(value, tuple) else f"{value:g}"
-            raise CliptimeError(f"--{f.name.replace('_', '-')} {shown}: expected 0 or more")
+            flags = "/".join([f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())])
+            raise CliptimeError(f"{flags} {shown}: expected 0 or more")
 
 
 def _field_type(cls, f: dataclasses.Field) -> Any:

@@ -36,6 +36,7 @@ class JobResult:
     run_name: str
     model_name: str | None
     model_version: str | None
+    headline: dict[str, float]  # the task's own measure of a model (its monitor) on the test split
     metrics: dict[str, float]
     checkpoint: str
 
@@ -146,12 +147,14 @@ def _train_test_register(task: Task, tc: TrainConfig, name: str, storage: Storag
         {**storage.read(name, RUN_RECORD), "finished": True, "task_name": task.name, "model_version": version},
     )
     validation = {k: v for k, v in (main.result.metrics or {}).items() if k.startswith("val/")}
+    headline = f"test/{task.monitor.removeprefix('val/')}"
     return JobResult(
         task=task.name,
         run_id=run_id,
         run_name=name,
         model_name=task.name if version else None,
         model_version=version,
+        headline={headline: metrics[headline]},
         metrics={**validation, **metrics},
         checkpoint=main.result.checkpoint.path,
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +34,25 @@ def init_ray(reserved_cpus: int = 0) -> None:
     """
     if ray.is_initialized():
         return
+    with _sigterm_handler_kept():
+        _init_ray(reserved_cpus)
+
+
+@contextmanager
+def _sigterm_handler_kept():
+    """Put back the SIGTERM handler this process had before Ray started, if it set one (`cliptime.cli.run_job`'s:
+    SIGTERM stops a job as Ctrl-C does, exit 130). `ray.init` replaces it, for a new local Ray with one that kills
+    Ray's processes at once and exits: a job stopped so died of SIGABRT (tests/test_recovery.py). `run_job`
+    shuts down a Ray it started itself."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init_ray(reserved_cpus: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         # The cluster's processes do not inherit this driver's environment: the MLflow credentials that
         # tracking_uri() took out of the URI reach them as the job's environment variables (the cluster's

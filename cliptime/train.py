@@ -50,35 +50,34 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint, device: str | torch.device
     return state, read_history(checkpoint)
 
 
-def load_newest_intact(checkpoint: ray.train.Checkpoint, device: str | torch.device) -> tuple[dict, list[dict]]:
-    """(state, history) of the checkpoint a resumed run gets, or, when that one cannot be read (a crash while it
-    was written out, a damaged disk), of the newest older checkpoint of the run that can. Checkpoint folders
-    are named by the time Ray made them, so their names sort oldest first."""
-    fs, run_folder = checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    siblings = fs.get_file_info(pyarrow.fs.FileSelector(run_folder))
-    older = sorted(
-        (i.path for i in siblings if i.base_name.startswith("checkpoint_") and i.path < checkpoint.path.rstrip("/")),
+def load_newest_intact(run_folder: str, device: str | torch.device) -> tuple[dict, list[dict]] | None:
+    """(state, history) of the newest checkpoint of the Ray Train run in `run_folder` (a path or URI) that can be
+    read; None when it has no checkpoint.
+
+    Every checkpoint folder of the run counts, not only those that Ray Train's controller registered (its
+    `get_checkpoint`): a worker writes its checkpoint out first, and the controller registers it only at its
+    next poll (every 2 s), so a job stopped in between was resumed from an older checkpoint, or from scratch
+    (tests/test_recovery.py). A checkpoint that cannot be read (a crash while it was written out, a damaged
+    disk) is passed over for the one before. Checkpoint folders are named by the time Ray made them, so their
+    names sort oldest first."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_folder)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    newest_first = sorted(
+        (i.path for i in found if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")),
         reverse=True,
     )
-    for candidate in [checkpoint, *(ray.train.Checkpoint(path, fs) for path in older)]:
+    for path in newest_first:
         try:
-            loaded = load_checkpoint(candidate, device)
-        except (
-            OSError,
-            RuntimeError,
-            ValueError,
-            KeyError,
-            pickle.UnpicklingError,
-        ) as e:  # JSON errors are ValueErrors
-            print(
-                f"warning: checkpoint {candidate.path} is damaged ({type(e).__name__}); trying the one before",
-                flush=True,
-            )
+            loaded = load_checkpoint(ray.train.Checkpoint(path, fs), device)
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:  # JSON errors: ValueError
+            print(f"warning: checkpoint {path} is damaged ({type(e).__name__}); trying the one before", flush=True)
             continue
-        if candidate is not checkpoint:
-            print(f"resuming from {candidate.path} (epoch {loaded[0]['epoch']})", flush=True)
+        if path != newest_first[0]:
+            print(f"resuming from {path} (epoch {loaded[0]['epoch']})", flush=True)
         return loaded
-    raise CliptimeError(f"no checkpoint of {run_folder} can be read; start the run anew under another --name")
+    if newest_first:
+        raise CliptimeError(f"no checkpoint of {run_folder} can be read; start the run anew under another --name")
+    return None
 
 
 def read_history(checkpoint: ray.train.Checkpoint) -> list[dict]:
@@ -140,8 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     params, optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc, config["steps_per_epoch"])
     start_epoch, history = 0, []
-    if checkpoint := ray.train.get_checkpoint():
-        state, history = load_newest_intact(checkpoint, device)
+    if resumed := load_newest_intact(config["run_folder"], device):
+        state, history = resumed
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -221,7 +220,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def epoch_line(epoch: int, epochs: int, steps: int, seconds: float, waited: float, metrics: dict) -> str:
-    shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "lr"))
+    """The epoch's printed line: the validation metrics first, in the order the task's `evaluate` gives them (its
+    headline first), then the training losses and the throughput."""
+    keys = sorted((k for k in metrics if k not in ("epoch", "lr")), key=lambda k: not k.startswith("val/"))
+    shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
     return (
         f"epoch {epoch + 1}/{epochs} ({steps} steps, {seconds:.0f} s): {shown}"
         f" | {seconds - waited:.0f} s compute+eval, {waited:.0f} s waiting for data"
@@ -246,6 +248,7 @@ def fit(
             "task_config": asdict(task.cfg),
             "train_config": asdict(tc),
             "steps_per_epoch": steps_per_epoch,
+            "run_folder": f"{storage_path.rstrip('/')}/{name}",  # where Ray Train keeps the run's checkpoints
         },
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,

@@ -258,7 +258,12 @@ def _trial(
 def _check_complete(spec: SweepSpec, results: tune.ResultGrid, resume_command: str) -> None:
     """Only a sweep whose every trial ran to its end (or was stopped early by its scheduler) may register: one
     stopped by Ctrl-C or SIGTERM (Tune returns what it has) or with failed trials names the command that
-    finishes it."""
+    finishes it.
+
+    The trials that ended are counted in the state Tune saved as the sweep stopped, which --resume starts from,
+    not in `results`: on Ctrl-C, Tune marks the trials it stops TERMINATED there too, so a sweep stopped during
+    its last trial counted as complete and registered a model (tests/test_recovery.py). A trial's `done` flag
+    cannot tell either: Tune saves it with some finished trials and not with others."""
     failed = [r for r in results if r.error]
     if failed:
         first = str(failed[0].error).strip().splitlines()[-1]
@@ -266,9 +271,11 @@ def _check_complete(spec: SweepSpec, results: tune.ResultGrid, resume_command: s
             f"{len(failed)} of {spec.num_samples} trials failed (last line of the first: {first}); nothing "
             f"registered; retry them with {resume_command}"
         )
-    if results.num_terminated < spec.num_samples:
+    saved = tune.ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    ended = sum(1 for trial in saved if trial.status == "TERMINATED")
+    if ended < spec.num_samples:
         raise Interrupted(
-            f"sweep stopped after {results.num_terminated} of {spec.num_samples} trials; nothing registered; "
+            f"sweep stopped after {ended} of {spec.num_samples} trials; nothing registered; "
             f"continue it with {resume_command}"
         )
 

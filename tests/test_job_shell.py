@@ -38,6 +38,7 @@ def toy_run(ray_session, migrated_store_file, tmp_path_factory):
 def test_the_job_learns_what_the_data_say(toy_run):
     result, _, _, uri, _ = toy_run
     assert result.metrics["test/accuracy"] >= 0.85  # chance is 0.5
+    assert result.headline == {"test/accuracy": result.metrics["test/accuracy"]}  # the toy task's monitor, tested
     assert result.model_name == "toy" and [str(v.version) for v in registered_versions(uri, "toy")] == ["1"]
     client = MlflowClient(uri)
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "val/accuracy")) == [0, 1, 2]

@@ -31,7 +31,15 @@ def test_run_registers_a_version_with_test_metrics(trained, mlflow_store):
     assert result.model_name == "cliptime" and result.model_version is not None
     versions = registered_versions(mlflow_store, "cliptime")
     assert result.model_version in {str(v.version) for v in versions}
-    for key in ("test/accuracy", "test/accuracy_image_only", "test/macro_f1", "test/time_mae_hours"):
+    for key in (
+        "test/accuracy_image_only",
+        "test/accuracy",
+        "test/accuracy_grayscale",
+        "test/accuracy_hue_shift",
+        "test/macro_f1",
+        "test/time_mae_hours_image_only",
+        "test/time_mae_hours",
+    ):
         assert key in result.metrics
     json.dumps(result.metrics)
 

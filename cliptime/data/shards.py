@@ -15,6 +15,7 @@ carries a CRC checksum, so a damaged byte is found when the shards are checked, 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,11 +28,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from cliptime.errors import CliptimeError
+from cliptime.errors import CliptimeError, find_cause
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, over quota, a file over the size limit
 
 
 def split_counts(split_dir: Path, label: str) -> dict[str, Any]:
@@ -79,6 +81,12 @@ def write_shards(
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except Exception as e:  # a Ray Data write task's error reaches here as Ray's, the OSError its `cause`
+        full = find_cause(e, lambda cause: isinstance(cause, OSError) and cause.errno in DISK_FULL)
+        if full is None:
+            raise
+        kept = "the shards there are unchanged" if out.exists() else "nothing was written"
+        raise CliptimeError(f"cannot write shards to {out}: {os.strerror(full.errno)}; {kept}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -134,7 +134,9 @@ class Task(ABC):
     # -- evaluation ----------------------------------------------------------------------------------------
     @abstractmethod
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
-        """(metrics, outputs) over held-out batches; outputs are the arrays the figures are drawn from."""
+        """(metrics, outputs) over held-out batches; outputs are the arrays the figures are drawn from.
+
+        Metrics in the order they should be read, the headline first: the epoch line lists them so."""
 
     def figures(self, outputs: dict[str, Any], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
         """Named matplotlib figures for MLflow (`baseline`: the baseline model's outputs, if one was trained)."""

@@ -31,6 +31,7 @@ import pyarrow as pa
 import ray.data
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
@@ -145,6 +146,49 @@ def convert_timelapse(
     return timelapse.convert(photos_dir, cfg, size, CLIPTimeTask.schema, scratch, skip_bad)
 
 
+# -- evaluation on variants of the test images -------------------------------------------------------------------
+# The hue shift turns every hue a third of the colour circle (120 degrees; torchvision counts hue in turns). The
+# CLIPTime authors' generator paints its stages yellow, orange and red (hues 60 to 0 degrees): turned, they are cyan
+# to green, hues no stage has; where stages sit a third of the circle apart, each takes the next stage's hue
+# (tests/test_cliptime_image.py). Shapes, brightness and saturation stay: a model that reads shape keeps its
+# accuracy, one that reads colour loses it.
+HUE_SHIFT = 1 / 3
+# Recolourings of a batch's images, uint8 NCHW -> uint8 NCHW (images reach the model as uint8 pixels and the model
+# normalizes them itself, so they are recoloured as they are). Grayscale keeps the luma in all three channels.
+RECOLOURINGS = {
+    "grayscale": lambda images: TF.rgb_to_grayscale(images, num_output_channels=3),
+    "hue_shift": lambda images: TF.adjust_hue(images, HUE_SHIFT),
+}
+# What `evaluate` runs the model on, headline first, with the suffix of each one's metrics: the images with a
+# stage-neutral caption, with their own captions, and recoloured with the neutral caption.
+VARIANTS = {"image_only": "_image_only", "caption": "", "grayscale": "_grayscale", "hue_shift": "_hue_shift"}
+
+
+def _predict(model: nn.Module, batch: Batch, variant: str, neutral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stage index, normalized time) predicted for one of the `VARIANTS` of a batch, on the CPU."""
+    images = batch["image"]
+    tokens = batch["tokens"] if variant == "caption" else neutral.to(images.device).expand(len(images), -1)
+    if variant in RECOLOURINGS:
+        images = RECOLOURINGS[variant](images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    logits, t_pred = model(images, tokens)
+    return logits.argmax(-1).cpu(), t_pred.float().cpu()
+
+
+def _time_metrics(stage: np.ndarray, t: np.ndarray, t_pred: np.ndarray, span: float, suffix: str) -> dict:
+    """Time MAE in hours, overall and per stage, and each stage's Spearman correlation of predicted and true time."""
+    from scipy.stats import spearmanr
+
+    err_hours = np.abs(t_pred - t) * span
+    metrics = {f"time_mae_hours{suffix}": err_hours.mean()}
+    for i, name in enumerate(STAGES):
+        sel = stage == i
+        if sel.any():
+            metrics[f"time_mae_hours_{name}{suffix}"] = err_hours[sel].mean()
+        if sel.sum() > 2 and np.ptp(t[sel]) > 0:
+            metrics[f"spearman_{name}{suffix}"] = spearmanr(t_pred[sel], t[sel]).statistic
+    return metrics
+
+
 class CLIPTimeTask(Task):
     name = "cliptime"
     title = "CLIPTime"
@@ -162,7 +206,7 @@ class CLIPTimeTask(Task):
         ]
     )
     label_column = "stage"
-    monitor = "val/accuracy"
+    monitor = "val/accuracy_image_only"  # the caption names the stage: a photo alone is the honest test
     train_defaults = {"epochs": 14, "batch_size": 64, "lr": 2e-3}
     data_fields = ("data", "sequences", "frames", "image_size", "hours", "templates", "data_seed", "model")
     data_sizes = {"sequences": 7, "frames": 10}
@@ -254,42 +298,35 @@ class CLIPTimeTask(Task):
     # -- evaluation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
-        from scipy.stats import spearmanr
+        """The headline is what a user gets from a photo alone: `accuracy_image_only` and the image-only time
+        metrics (`*_image_only`), with a stage-neutral caption. `accuracy` is caption-conditioned (the captions name
+        the stage, so it is near 1 by construction); `accuracy_grayscale` and `accuracy_hue_shift` are image-only
+        on recoloured images (see RECOLOURINGS): how much of the stage the model reads from colour."""
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
         model.eval()
-        neutral = torch.from_numpy(tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION]).numpy())
-        stage, t, pred, pred_image_only, t_pred = [], [], [], [], []
+        neutral = tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION])
+        stage, t, runs = [], [], {variant: [] for variant in VARIANTS}
         for batch in batches:
-            logits, tp = model(batch["image"], batch["tokens"])
-            image_logits, _ = model(batch["image"], neutral.to(logits.device).expand(len(logits), -1))
             stage.append(batch["stage"].cpu())
             t.append(batch["t"].cpu())
-            pred.append(logits.argmax(-1).cpu())
-            pred_image_only.append(image_logits.argmax(-1).cpu())
-            t_pred.append(tp.float().cpu())
-        stage, t, pred = torch.cat(stage).numpy(), torch.cat(t).numpy(), torch.cat(pred).numpy()
-        pred_image_only, t_pred = torch.cat(pred_image_only).numpy(), torch.cat(t_pred).numpy()
+            for variant, run in runs.items():
+                run.append(_predict(model, batch, variant, neutral))
+        stage, t = torch.cat(stage).numpy(), torch.cat(t).numpy()
+        pred = {variant: torch.cat([p for p, _ in run]).numpy() for variant, run in runs.items()}
+        t_pred = {variant: torch.cat([tp for _, tp in run]).numpy() for variant, run in runs.items()}
         span = self.cfg.hours[1] - self.cfg.hours[0]
-        err_hours = np.abs(t_pred - t) * span
         metrics = {
-            "accuracy": accuracy_score(stage, pred),
-            "macro_f1": f1_score(stage, pred, average="macro", labels=range(len(STAGES)), zero_division=0),
-            "accuracy_image_only": accuracy_score(stage, pred_image_only),
-            "time_mae_hours": float(err_hours.mean()),
+            **{f"accuracy{VARIANTS[v]}": accuracy_score(stage, pred[v]) for v in VARIANTS},
+            "macro_f1": f1_score(stage, pred["caption"], average="macro", labels=range(len(STAGES)), zero_division=0),
+            **_time_metrics(stage, t, t_pred["image_only"], span, VARIANTS["image_only"]),
+            **_time_metrics(stage, t, t_pred["caption"], span, VARIANTS["caption"]),
         }
-        for i, name in enumerate(STAGES):
-            sel = stage == i
-            if sel.any():
-                metrics[f"time_mae_hours_{name}"] = float(err_hours[sel].mean())
-            if sel.sum() > 2 and np.ptp(t[sel]) > 0:
-                metrics[f"spearman_{name}"] = float(spearmanr(t_pred[sel], t[sel]).statistic)
-        outputs = {
+        outputs = {  # the figures show the image-only path: the caption-conditioned stages are right by construction
             "stage": stage,
-            "pred": pred,
             "hours": self.cfg.hours[0] + t * span,
-            "hours_pred": self.cfg.hours[0] + t_pred * span,
-            "confusion": confusion_matrix(stage, pred, labels=range(len(STAGES))),
+            "hours_pred": self.cfg.hours[0] + t_pred["image_only"] * span,
+            "confusion": confusion_matrix(stage, pred["image_only"], labels=range(len(STAGES))),
         }
         return {k: float(v) for k, v in metrics.items()}, outputs
 
@@ -302,7 +339,7 @@ class CLIPTimeTask(Task):
 
         fig_cm, ax = plt.subplots(figsize=(4.5, 4))
         ConfusionMatrixDisplay(outputs["confusion"], display_labels=STAGES).plot(ax=ax, colorbar=False)
-        ax.set_title("stage confusion (test)")
+        ax.set_title("stage confusion, image only (test)")
         fig_cm.tight_layout()
 
         fig_t, ax = plt.subplots(figsize=(5, 4.5))
@@ -313,7 +350,7 @@ class CLIPTimeTask(Task):
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         ax.set_xlabel("true hours")
         ax.set_ylabel("predicted hours")
-        ax.set_title("time prediction (test)")
+        ax.set_title("time prediction, image only (test)")
         ax.legend()
         fig_t.tight_layout()
         return {"confusion_matrix.png": fig_cm, "time_pred_vs_true.png": fig_t}

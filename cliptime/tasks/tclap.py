@@ -224,8 +224,6 @@ class TCLAPTask(Task):
         check_clap(c.audio_model, c.text_model, c.pretrained)
         if not 0 <= c.gap[0] <= c.gap[1]:
             raise CliptimeError(f"--gap {c.gap[0]:g} {c.gap[1]:g}: expected 0 <= min <= max")
-        if c.temporal_weight < 0:
-            raise CliptimeError(f"--lambda {c.temporal_weight:g}: the temporal-loss weight cannot be negative")
         if not 0 <= c.temporal_start < 1:
             raise CliptimeError(f"--temporal-start {c.temporal_start:g}: expected a fraction of the epochs in [0, 1)")
         if min(c.train_pairs, c.eval_pairs) < 1:

@@ -1,0 +1,138 @@
+"""CLIPTime's image-only metrics on data sets whose answer is known: a tiny model trained in-process (no Ray) where
+colour alone decides the stage must lose it in grayscale (to chance) and under the hue shift (below chance); where
+shape alone decides it, the stage survives both. Images are drawn at the backbone's input size (64 px)."""
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from cliptime.data.fungal_growth import NEUTRAL_CAPTION, STAGES
+from cliptime.models.open_clip_backbone import image_size, tokenizer_for
+from cliptime.tasks.cliptime import RECOLOURINGS, CLIPTimeTask
+from cliptime.train import make_optimizer, make_scheduler
+
+CHANCE = 1 / len(STAGES)
+PER_STAGE = {"train": 80, "test": 40}  # images per stage of each split
+LUMA = np.array([0.2989, 0.587, 0.114])  # the weights of torchvision's rgb_to_grayscale
+
+
+def colour_set(n_per_stage: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One disc on a gray background in every image; only the disc's hue tells the stage. Its colour is a luma plus
+    a chroma at the stage's angle (0, 120 or 240 degrees, +-20) in the plane of colours without luma, so that every
+    stage has the same grayscale images: HSV hues about 8, 132 and 244 degrees."""
+    u = np.cross(LUMA, [1.0, 1.0, 1.0])
+    u /= np.linalg.norm(u)
+    v = np.cross(LUMA, u)
+    v /= np.linalg.norm(v)
+    stage = np.repeat(np.arange(len(STAGES)), n_per_stage)
+    images = []
+    for s in stage:
+        angle = np.radians(120 * s + rng.uniform(-20, 20))
+        colour = rng.uniform(90, 170) + rng.uniform(40, 70) * (np.cos(angle) * u + np.sin(angle) * v)
+        mask = disc_mask(size, rng)
+        images.append(paint(mask, np.full(3, rng.uniform(90, 170)), colour, rng))
+    return np.stack(images), stage
+
+
+def shape_set(n_per_stage: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Scattered dots, three lines across the image or one filled disc by stage, in a random colour on a random
+    lighter background (luma at least 60 levels above): the stage is in the shapes, which grayscale keeps, and not
+    in the colour."""
+    stage = np.repeat(np.arange(len(STAGES)), n_per_stage)
+    images = []
+    for s in stage:
+        mask = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(mask)
+        if s == 0:
+            for x, y in rng.uniform(8, size - 8, (int(rng.integers(6, 11)), 2)):
+                r = rng.uniform(2, 3.5)
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
+        elif s == 1:
+            for x, y, angle in zip(*rng.uniform(0.2, 0.8, (2, 3)) * size, rng.uniform(0, np.pi, 3)):
+                dx, dy = size * np.cos(angle), size * np.sin(angle)
+                draw.line([x - dx, y - dy, x + dx, y + dy], fill=255, width=3)
+        else:
+            mask = disc_mask(size, rng)
+        background, colour = rng.uniform(150, 255, 3), rng.uniform(0, 255, 3)
+        while LUMA @ (background - colour) < 60:
+            colour = rng.uniform(0, 255, 3)
+        images.append(paint(mask, background, colour, rng))
+    return np.stack(images), stage
+
+
+def disc_mask(size: int, rng: np.random.Generator) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    x, y = rng.uniform(0.3, 0.7, 2) * size
+    r = rng.uniform(0.15, 0.28) * size
+    ImageDraw.Draw(mask).ellipse([x - r, y - r, x + r, y + r], fill=255)
+    return mask
+
+
+def paint(mask: Image.Image, background: np.ndarray, colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 HWC image: `colour` where the mask is, `background` elsewhere, with a little pixel noise."""
+    alpha = np.asarray(mask, dtype=np.float64)[..., None] / 255
+    image = background * (1 - alpha) + colour * alpha + rng.normal(0, 3, (*alpha.shape[:2], 3))
+    return np.clip(image, 0, 255).round().astype(np.uint8)
+
+
+def train_and_test(make_set, epochs: int) -> dict[str, float]:
+    """Train a tiny CLIPTime model on `make_set`'s images with the stage-neutral caption (the image is all it has),
+    with the training loop's optimizer and schedule, then evaluate it on a held-out set drawn the same way. Times
+    are random and not trained (`time_weight` 0): these sets test the stage only."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    task = CLIPTimeTask.tiny(time_weight=0.0)
+    model = task.build_model()
+    size = image_size(task.cfg.model)[0]
+    neutral = tokenizer_for(task.cfg.model)([NEUTRAL_CAPTION])
+
+    def batches(split: str, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        images, stage = make_set(PER_STAGE[split], size, rng)
+        order = rng.permutation(len(stage))
+        return [
+            {
+                "image": torch.from_numpy(images[i]),
+                "tokens": neutral.expand(len(i), -1),
+                "stage": torch.from_numpy(stage[i]),
+                "t": torch.from_numpy(rng.uniform(0, 1, len(i)).astype(np.float32)),
+            }
+            for i in np.array_split(order, -(-len(order) // batch_size))
+        ]
+
+    train, test = batches("train", 24), batches("test", 256)
+    tc = CLIPTimeTask.train_config(epochs=epochs, lr=2e-3)
+    _, optimizer = make_optimizer(model, tc)
+    scheduler = make_scheduler(optimizer, tc, len(train))
+    model.train()
+    for _ in range(epochs):
+        for batch in train:
+            loss, _ = task.loss(model, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    metrics, _ = task.evaluate(model, test)
+    print({k: round(v, 3) for k, v in metrics.items() if k.startswith("accuracy")})
+    return metrics
+
+
+def test_grayscale_and_hue_shift_recolour_as_documented():
+    """Pure red in grayscale is its luma in every channel; a hue shift of a third of a turn makes it pure green."""
+    red = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    red[:, 0] = 255
+    assert torch.equal(RECOLOURINGS["grayscale"](red), torch.full_like(red, int(0.2989 * 255)))
+    assert torch.equal(RECOLOURINGS["hue_shift"](red), torch.roll(red, 1, dims=1))
+
+
+def test_colour_decided_stages_are_lost_in_grayscale_and_under_the_hue_shift():
+    m = train_and_test(colour_set, epochs=4)
+    assert m["accuracy_image_only"] > CHANCE + 0.45
+    assert abs(m["accuracy_grayscale"] - CHANCE) < 0.1  # every stage has the same grayscale images
+    assert m["accuracy_hue_shift"] < CHANCE - 0.2  # every stage now has the next stage's hue
+
+
+def test_shape_decided_stages_survive_grayscale_and_the_hue_shift():
+    m = train_and_test(shape_set, epochs=8)
+    assert m["accuracy_image_only"] > CHANCE + 0.45
+    assert m["accuracy_grayscale"] > CHANCE + 0.45
+    assert m["accuracy_hue_shift"] > CHANCE + 0.45
