@@ -189,20 +189,20 @@ def test_sigterm_stops_a_job_killed_and_resume_finishes_it_in_the_same_run(
 def test_ctrl_c_stops_a_sweep_unregistered_and_resume_finishes_it(
     ray_session, empty_store, monkeypatch, tmp_path, spawn, capsys
 ):
-    """Ctrl-C while the last of three trials trains: Ray Tune then reports the interrupted trial TERMINATED, as
+    """Ctrl-C while the last of two trials trains: Ray Tune then reports the interrupted trial TERMINATED, as
     if it had finished; the sweep must still see that it stopped, register nothing, and finish on --resume (run
     in-process, on the tests' Ray)."""
     import yaml
 
     from cliptime.cli import tune_main
 
-    spec, storage, epochs = tmp_path / "toy.yaml", tmp_path / "storage", 12  # the last trial outlasts the stop
+    spec, storage, epochs = tmp_path / "toy.yaml", tmp_path / "storage", 8  # the last trial outlasts the stop
     spec.write_text(
         yaml.safe_dump(
             {
                 "task": "tests.toy_task:ToyTask",
                 "metric": "val/accuracy",
-                "num_samples": 3,
+                "num_samples": 2,
                 "max_concurrent": 1,
                 "scheduler": {"type": "fifo"},
                 "fixed": {"epochs": epochs, "rows": 2048},
@@ -220,7 +220,7 @@ def test_ctrl_c_stops_a_sweep_unregistered_and_resume_finishes_it(
         env_with(empty_store),
         tmp_path / "first",
     )
-    first.wait_for(lambda: len(trials_checkpointed()) == 3)  # two trials done, the last one past its first epoch
+    first.wait_for(lambda: len(trials_checkpointed()) == 2)  # one trial done, the last one past its first epoch
     first.proc.send_signal(signal.SIGINT)
     signalled = time.time()
     assert first.finish() == 130, first.tail()
@@ -241,7 +241,7 @@ def test_ctrl_c_stops_a_sweep_unregistered_and_resume_finishes_it(
     assert tune_main([*flags, "--resume", "s1"]) == 0
     resume_seconds = time.time() - started
     result = json_line(capsys.readouterr().out)
-    assert result["run_id"] == parent and result["trials"] == 3
+    assert result["run_id"] == parent and result["trials"] == 2
     versions = registered_versions(empty_store, "toy")
     assert [str(v.version) for v in versions] == [result["model_version"]] == [result["champion_version"]] == ["1"]
     assert client.get_run(parent).info.status == "FINISHED"
@@ -249,7 +249,7 @@ def test_ctrl_c_stops_a_sweep_unregistered_and_resume_finishes_it(
     again = retrained(kept, newest_history(last_trial))
     assert again == list(range(len(kept), epochs))  # the stopped trial went on from its checkpoint
     print(
-        f"\nRECOVERY: Ctrl-C of a sweep -> exit 130 in {stop_seconds:.1f} s, 2 of 3 trials done, the last stopped "
+        f"\nRECOVERY: Ctrl-C of a sweep -> exit 130 in {stop_seconds:.1f} s, 1 of 2 trials done, the last stopped "
         f"after {len(kept)} of {epochs} epochs; --resume trained epochs {again} of that trial only and registered "
         f"version {result['model_version']} (champion) in {resume_seconds:.1f} s"
     )

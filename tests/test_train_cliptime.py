@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cliptime import job
+from cliptime.errors import CliptimeError
 from cliptime.tasks import make_task
 from cliptime.tasks.cliptime import CLIPTimeTask
 from tests.conftest import registered_versions
@@ -62,14 +63,15 @@ def test_checkpoint_per_epoch_and_resume_continues(trained, mlflow_store, monkey
     assert (run_dir / job.RUN_RECORD).exists()
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2  # one per epoch, two kept
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-    # Resuming a finished run trains no further epoch, logs none twice and registers no second version.
-    resumed = job.run(
-        make_task("cliptime"), CLIPTimeTask.train_config(resume=result.run_name, storage_path=str(storage))
-    )
-    assert resumed.run_id == result.run_id
+    # A finished run is not resumed: no epoch trained or logged again, no second version.
+    finished = f"that run finished and registered cliptime version {result.model_version}"
+    with pytest.raises(CliptimeError, match=finished):
+        job.run(make_task("cliptime"), CLIPTimeTask.train_config(resume=result.run_name, storage_path=str(storage)))
     history = MlflowClient(mlflow_store).get_metric_history(result.run_id, "train/loss")
     assert sorted(m.step for m in history) == [0, 1]
-    assert resumed.model_version == result.model_version
+    assert [str(v.version) for v in registered_versions(mlflow_store, "cliptime") if v.run_id == result.run_id] == [
+        result.model_version
+    ]
 
 
 def test_registered_model_predicts_from_the_registry(trained, mlflow_store):
