@@ -141,11 +141,7 @@ def _train_test_register(task: Task, tc: TrainConfig, name: str, storage: Storag
         version = registry.log_and_register(
             task, model, tc.register, tags={"run_name": name, **{k: f"{v:.4f}" for k, v in metrics.items()}}
         )
-    storage.write(
-        name,
-        RUN_RECORD,
-        {**storage.read(name, RUN_RECORD), "finished": True, "task_name": task.name, "model_version": version},
-    )
+    storage.mark_finished(name, RUN_RECORD, task_name=task.name, model_version=version)
     validation = {k: v for k, v in (main.result.metrics or {}).items() if k.startswith("val/")}
     headline = f"test/{task.monitor.removeprefix('val/')}"
     return JobResult(

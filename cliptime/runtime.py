@@ -167,6 +167,10 @@ class Storage:
             f.write(json.dumps(content, indent=2).encode())
         self.fs.move(tmp, f"{folder}/{record}")
 
+    def mark_finished(self, name: str, record: str, **outcome) -> None:
+        """Record that run (or sweep) `name` finished, with what it produced: `find` passes it over from now on."""
+        self.write(name, record, {**self.read(name, record), "finished": True, **outcome})
+
     def find(self, name: str, record: str, *, what: str, prefix: str) -> tuple[str, dict]:
         """(name, record) of the run or sweep to resume: `name` itself, or with `name` 'latest' the newest folder
         starting with `prefix` whose record is a top-level one (a baseline's record names its parent run) and not

@@ -443,7 +443,7 @@ def sweep(
 
         moved, before = registry.promote_champion(client, task.name, version, key, spec.mode, score)
         client.set_model_version_tag(task.name, version, "champion_before", "none" if before is None else repr(before))
-    storage.write(name, SWEEP_RECORD, {**storage.read(name, SWEEP_RECORD), "finished": True, "model_version": version})
+    storage.mark_finished(name, SWEEP_RECORD, model_version=version)
     return {
         "sweep": name,
         "run_id": parent,
