@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -13,7 +14,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))  # run as `python benchmarks/<script>.py` from a checkout
+# The test metrics of each task's tables (metric without its `test/` prefix -> column name), the headline first.
+COLUMNS = {
+    "cliptime": [
+        ("accuracy_image_only", "image-only accuracy"),
+        ("accuracy_grayscale", "grayscale"),
+        ("accuracy_hue_shift", "hue-shifted"),
+        ("time_mae_hours_image_only", "MAE h"),
+        ("time_mae_hours_spore_image_only", "MAE spore"),
+        ("time_mae_hours_hyphae_image_only", "MAE hyphae"),
+        ("time_mae_hours_mycelium_image_only", "MAE mycelium"),
+        ("spearman_spore_image_only", "rho spore"),
+        ("spearman_hyphae_image_only", "rho hyphae"),
+        ("spearman_mycelium_image_only", "rho mycelium"),
+        ("accuracy", "accuracy with caption"),
+    ],
+    "tclap": [
+        ("tclassify_a2t", "T-Classify a2t"),
+        ("tclassify_t2a", "T-Classify t2a"),
+        ("tclassify_a2t_heldout_phrasing", "held-out phrasing a2t"),
+        ("tclassify_t2a_heldout_phrasing", "held-out phrasing t2a"),
+        ("a2t_R1", "a2t R@1"),
+        ("a2t_R10", "a2t R@10"),
+        ("t2a_R1", "t2a R@1"),
+        ("t2a_R10", "t2a R@10"),
+        ("zeroshot_accuracy", "zero-shot"),
+    ],
+}
+# cliptime from a checkout when run as `python benchmarks/<script>.py`; appended, so that the benchmarks' own
+# modules (jobs.py) win over the checkout's folders of the same name (jobs/)
+sys.path.append(str(ROOT))
 
 
 def machine() -> str:
@@ -55,3 +85,26 @@ def run_job(script: str, flags: list[str], workdir: Path) -> tuple[float, dict]:
     if proc.returncode != 0:
         sys.exit(f"{script} {' '.join(flags)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return seconds, json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]
+
+
+def over_seeds(runs: list[dict[str, float]]) -> dict[str, dict]:
+    """Each metric over runs that differ only in their training seed: mean, sample standard deviation (0 for one
+    run), and the values in run order. A metric missing from a run is summarized over the runs that have it."""
+    names = dict.fromkeys(name for run in runs for name in run)
+    summary = {}
+    for name in names:
+        values = [float(run[name]) for run in runs if name in run]
+        summary[name] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values,
+        }
+    return summary
+
+
+def mean_std(stat: dict | None, digits: int = 3) -> str:
+    """`0.981 ± 0.004` for a summary of `over_seeds` (the spread left out for one run), `-` for none."""
+    if stat is None:
+        return "-"
+    text = f"{stat['mean']:.{digits}f}"
+    return f"{text} ± {stat['std']:.{digits}f}" if len(stat["values"]) > 1 else text

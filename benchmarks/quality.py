@@ -2,13 +2,16 @@
 
     python benchmarks/quality.py                          # both tasks, the jobs' default data and budget
     python benchmarks/quality.py --task cliptime --budget --sequences 30 --epochs 8
-    python benchmarks/quality.py --task cliptime --only "MLP head"     # one row again
+    python benchmarks/quality.py --task cliptime --only "MLP head" --seeds 0   # one row again, one seed
 
 - CLIPTime: Time-Transformer vs. MLP time head (the paper's first ablation), `generic` vs. `detailed` prompts;
-  accuracy, macro-F1, time MAE in hours overall and per stage, Spearman rho per stage.
+  on the image alone (a stage-neutral caption): accuracy, on grayscale and hue-shifted images too, time MAE in
+  hours overall and per stage, Spearman rho per stage; and the caption-conditioned accuracy.
 - T-CLAP: lambda 0.5 (T-CLAP), lambda 0 with the same order pooling (the loss ablation), and plain CLAP (lambda 0,
   CLAP's own pooling: the job's baseline); T-Classify both ways, retrieval R@1/R@10, zero-shot accuracy.
-`--budget` flags (data size, epochs) apply to every row of the task. Results: benchmarks/results/quality-<date>.
+Every row is trained once per seed (`--seed N`, default 0 1 2) and reports each metric's mean and standard
+deviation over them. `--budget` flags (data size, epochs) apply to every row of the task.
+Results: benchmarks/results/quality-<tasks>-<date>.json and .md.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, machine, run_job, today, write_results
+from common import COLUMNS, RESULTS, machine, mean_std, over_seeds, run_job, today, write_results
 
 # row label -> (job script, flags); the T-CLAP job also trains and reports its plain-CLAP baseline.
 CONFIGS = {
@@ -33,59 +36,49 @@ CONFIGS = {
     },
 }
 BASELINE = "plain CLAP (lambda 0, CLAP pooling; the job's baseline)"
-COLUMNS = {
-    "cliptime": [
-        ("accuracy", "accuracy"),
-        ("macro_f1", "macro-F1"),
-        ("time_mae_hours", "MAE h"),
-        ("time_mae_hours_spore", "MAE spore"),
-        ("time_mae_hours_hyphae", "MAE hyphae"),
-        ("time_mae_hours_mycelium", "MAE mycelium"),
-        ("spearman_spore", "rho spore"),
-        ("spearman_hyphae", "rho hyphae"),
-        ("spearman_mycelium", "rho mycelium"),
-    ],
-    "tclap": [
-        ("tclassify_a2t", "T-Classify a2t"),
-        ("tclassify_t2a", "T-Classify t2a"),
-        ("a2t_R1", "a2t R@1"),
-        ("a2t_R10", "a2t R@10"),
-        ("t2a_R1", "t2a R@1"),
-        ("t2a_R10", "t2a R@10"),
-        ("zeroshot_accuracy", "zero-shot"),
-    ],
-}
 
 
-def row(task: str, config: str, command: str, seconds: float | None, metrics: dict, prefix: str) -> dict:
-    values = {k: metrics[f"{prefix}{k}"] for k, _ in COLUMNS[task] if f"{prefix}{k}" in metrics}
-    return {"task": task, "config": config, "command": command, "seconds": seconds, "metrics": values}
+def row(task: str, config: str, command: str, runs: list[tuple[float, dict]], prefix: str) -> dict:
+    """A table row: each column's mean and spread over the runs (one per seed), the job's wall time too."""
+    metrics = over_seeds([{k: m[f"{prefix}{k}"] for k, _ in COLUMNS[task] if f"{prefix}{k}" in m} for _, m in runs])
+    seconds = over_seeds([{"seconds": s} for s, _ in runs])["seconds"]
+    return {"task": task, "config": config, "command": command, "seconds": seconds, "metrics": metrics}
 
 
-def rows_of(task: str, budget: list[str], only: list[str]) -> list[dict]:
+def rows_of(task: str, budget: list[str], only: list[str], seeds: list[int]) -> list[dict]:
     rows = []
     for label, (script, flags) in CONFIGS[task].items():
         if only and not any(text in label for text in only):
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            seconds, metrics = run_job(script, [*flags, *budget], Path(tmp))
+        runs = []
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                seconds, metrics = run_job(script, [*flags, *budget, "--seed", str(seed)], Path(tmp))
+            runs.append((round(seconds), metrics))
         command = " ".join(["python", f"jobs/{script}", *flags, *budget])
-        rows.append(row(task, label, command, round(seconds), metrics, "test/"))
-        if any(k.startswith("baseline/test/") for k in metrics):
-            rows.append(row(task, BASELINE, command, None, metrics, "baseline/test/"))
+        rows.append(row(task, label, command, runs, "test/"))
+        if any(k.startswith("baseline/test/") for k in runs[0][1]):
+            rows.append({**row(task, BASELINE, command, runs, "baseline/test/"), "seconds": None})
     return rows
 
 
-def markdown(rows: list[dict], when: str, where: str, budget: list[str]) -> str:
-    out = [f"# Quality table, {when}", "", f"Machine: {where}  ", f"Budget flags: `{' '.join(budget) or '(defaults)'}`"]
+def table(rows: list[dict], task: str) -> str:
+    """The Markdown table of one task's rows: each cell the mean ± standard deviation over the seeds."""
+    cols = COLUMNS[task]
+    out = ["| configuration | " + " | ".join(name for _, name in cols) + " | job (s) | command |"]
+    out.append("|---" * (len(cols) + 3) + "|")
+    for r in (r for r in rows if r["task"] == task):
+        values = " | ".join(mean_std(r["metrics"].get(k)) for k, _ in cols)
+        out.append(f"| {r['config']} | {values} | {mean_std(r['seconds'], 0)} | `{r['command']}` |")
+    return "\n".join(out)
+
+
+def markdown(rows: list[dict], when: str, where: str, budget: list[str], seeds: list[int]) -> str:
+    out = [f"# Quality table, {when}", "", f"Machine: {where}  "]
+    out.append(f"Budget flags: `{' '.join(budget) or '(defaults)'}`  ")
+    out.append(f"Training seeds: {' '.join(map(str, seeds))} (each cell: mean ± standard deviation over them)")
     for task in dict.fromkeys(r["task"] for r in rows):
-        cols = COLUMNS[task]
-        out += ["", f"## {task} (test split)", ""]
-        out.append("| configuration | " + " | ".join(name for _, name in cols) + " | command |")
-        out.append("|---" * (len(cols) + 2) + "|")
-        for r in (r for r in rows if r["task"] == task):
-            values = " | ".join(f"{r['metrics'][k]:.3f}" if k in r["metrics"] else "-" for k, _ in cols)
-            out.append(f"| {r['config']} | {values} | `{r['command']}` |")
+        out += ["", f"## {task} (test split)", "", table(rows, task)]
     return "\n".join(out) + "\n"
 
 
@@ -96,14 +89,15 @@ def main() -> None:
     parser.add_argument(
         "--only", action="append", default=[], metavar="TEXT", help="only the rows whose label contains TEXT"
     )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run each")
     parser.add_argument("--budget", nargs=argparse.REMAINDER, default=[], help="job flags for every row (last)")
     args = parser.parse_args()
     tasks = list(CONFIGS) if args.task == "all" else [args.task]
     when = today()
-    payload = {"date": when, "machine": machine(), "budget": args.budget, "results": []}
+    payload = {"date": when, "machine": machine(), "budget": args.budget, "seeds": args.seeds, "results": []}
     for task in tasks:  # written after each task, so a later failure loses none
-        payload["results"] += rows_of(task, args.budget, args.only)
-        report = markdown(payload["results"], when, payload["machine"], args.budget)
+        payload["results"] += rows_of(task, args.budget, args.only, args.seeds)
+        report = markdown(payload["results"], when, payload["machine"], args.budget, args.seeds)
         partial = "-partial" if args.only else ""  # a rerun of some rows leaves the full table in place
         written = write_results(args.out, f"quality-{'-'.join(tasks)}-{when}{partial}", payload, report)
     print(json.dumps({"written": str(written)}))

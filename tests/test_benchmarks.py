@@ -60,8 +60,12 @@ def test_pipeline_writes_the_three_speeds_and_ratios(tmp_path):
 
 def test_quality_table_rows_carry_the_metrics_and_the_command(tmp_path):
     budget = ["--epochs", "1", "--batch-size", "16", "--cpus-per-worker", "1", *TINY_CLIPTIME]
-    result = bench("quality.py", "--task", "cliptime", "--only", "MLP head", "--budget", *budget, out=tmp_path)
+    result = bench(
+        "quality.py", "--task", "cliptime", "--only", "MLP head", "--seeds", "3", "--budget", *budget, out=tmp_path
+    )
     (row,) = result["results"]  # --only: the one row asked for
     assert row["config"] == "MLP head, generic prompts"
-    assert {"accuracy", "macro_f1", "time_mae_hours", "spearman_mycelium"} <= set(row["metrics"])
+    assert {"accuracy_image_only", "accuracy_grayscale", "time_mae_hours_image_only"} <= set(row["metrics"])
+    accuracy = row["metrics"]["accuracy_image_only"]
+    assert len(accuracy["values"]) == 1 and accuracy["std"] == 0.0 and result["seeds"] == [3]
     assert row["command"] == " ".join(["python jobs/train_cliptime.py --head mlp", *budget])

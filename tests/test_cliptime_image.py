@@ -4,11 +4,12 @@ shape alone decides it, the stage survives both. Images are drawn at the backbon
 
 import numpy as np
 import torch
+from matplotlib.colors import rgb_to_hsv
 from PIL import Image, ImageDraw
 
 from cliptime.data.fungal_growth import NEUTRAL_CAPTION, STAGES
 from cliptime.models.open_clip_backbone import image_size, tokenizer_for
-from cliptime.tasks.cliptime import RECOLOURINGS, CLIPTimeTask
+from cliptime.tasks.cliptime import RECOLOURINGS, CLIPTimeTask, _hue_rotation, recolour_for_training
 from cliptime.train import make_optimizer, make_scheduler
 
 CHANCE = 1 / len(STAGES)
@@ -136,3 +137,24 @@ def test_shape_decided_stages_survive_grayscale_and_the_hue_shift():
     assert m["accuracy_image_only"] > CHANCE + 0.45
     assert m["accuracy_grayscale"] > CHANCE + 0.45
     assert m["accuracy_hue_shift"] > CHANCE + 0.45
+
+
+def test_training_recolouring_turns_hues_and_grays_and_keeps_brightness():
+    """The training augmentation: a hue turn keeps each pixel's brightness (the mean of its channels) and, by a
+    third of a turn, is torchvision's hue shift; grayscale is torchvision's; up to half a turn either way, a red
+    disc comes out in every third of the colour circle."""
+    torch.manual_seed(0)
+    # grays of 80-176 with channels at most 30 apart: a turn keeps a colour's distance from gray, so none clips
+    images = (torch.randint(80, 177, (64, 8, 8, 1)) + torch.randint(-15, 16, (64, 8, 8, 3))).to(torch.uint8)
+    turned = recolour_for_training(images, hue_jitter=0.5, grayscale_fraction=0.0)
+    assert not torch.equal(turned, images)
+    assert (turned.float().mean(-1) - images.float().mean(-1)).abs().max() <= 1.0  # rounding only
+    third = torch.einsum("nij,nhwj->nhwi", _hue_rotation(torch.full((64,), 1 / 3)), images.float()).round()
+    assert torch.equal(third.to(torch.uint8), RECOLOURINGS["hue_shift"](images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    gray = recolour_for_training(images, hue_jitter=0.0, grayscale_fraction=1.0)
+    expected = RECOLOURINGS["grayscale"](images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert (gray.int() - expected.int()).abs().max() <= 1
+    red = torch.zeros(300, 1, 1, 3, dtype=torch.uint8)
+    red[..., 0] = 200
+    hues = rgb_to_hsv(recolour_for_training(red, 0.5, 0.0).numpy() / 255)[..., 0].flatten()
+    assert all(((hues >= lo) & (hues < lo + 1 / 3)).sum() > 50 for lo in (0, 1 / 3, 2 / 3))

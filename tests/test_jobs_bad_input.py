@@ -31,6 +31,8 @@ def assert_clean_failure(code: int, err: str, named: str, uri: str, model: str):
         (["--num-workers", "0"], "--num-workers 0"),
         (["--image-size", "-32"], "--image-size -32: expected 0 or more"),
         (["--caption-dropout", "-0.5"], "--caption-dropout -0.5: expected 0 or more"),
+        (["--grayscale-fraction", "1.5"], "--grayscale-fraction 1.5: expected at most 1"),
+        (["--hue-jitter", "0.75"], "--hue-jitter 0.75: expected at most 0.5"),
         (["--weight-decay", "-1"], "--weight-decay -1: expected 0 or more"),
     ],
 )

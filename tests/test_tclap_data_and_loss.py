@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cliptime.data.order_phrases import HELDOUT_PATTERNS, HELDOUT_PHRASES, TRAIN_PATTERNS, TRAIN_PHRASES, reversal
 from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, from_pcm16, generate_block
 from cliptime.errors import CliptimeError
 from cliptime.tasks import make_task
@@ -31,8 +33,9 @@ def test_held_out_instances_differ_from_training_ones():
     assert not set(train["audio"]) & set(test["audio"])
 
 
-def test_negative_is_exactly_the_reversed_order():
-    cols = generate_block(0, "val", 3, **KW)
+@pytest.mark.parametrize("template_set", ["rich", "grammar"])
+def test_negative_is_exactly_the_reversed_order(template_set):
+    cols = generate_block(0, "val", 3, **{**KW, "template_set": template_set})
     labels = {k: v[0] for k, v in EVENT_CLASSES.items()}
     by_pair = {}
     for i, pair in enumerate(cols["pair"]):
@@ -44,12 +47,58 @@ def test_negative_is_exactly_the_reversed_order():
         for k in (i, j):
             first, second = labels[cols["first"][k]], labels[cols["second"][k]]
             template = next(
-                t for t in ORDER_TEMPLATES["rich"] if t.format(first=first, second=second) == cols["caption"][k]
+                t for t in ORDER_TEMPLATES[template_set] if t.format(first=first, second=second) == cols["caption"][k]
             )
             assert cols["negative"][k] == template.format(first=second, second=first)
         assert cols["negative"][i] == cols["caption"][j] and cols["negative"][j] == cols["caption"][i]
     singles = [i for i, p in enumerate(cols["pair"]) if p < 0]
     assert len(singles) == 4 and all(cols["negative"][i] == "" and cols["second"][i] == "" for i in singles)
+
+
+def test_the_phrase_grammar_says_the_order_many_ways_and_holds_some_out():
+    assert len(TRAIN_PATTERNS) >= 16 and len(TRAIN_PHRASES) >= 200 and len(HELDOUT_PATTERNS) >= 6
+    assert set(TRAIN_PHRASES).isdisjoint(HELDOUT_PHRASES)
+    assert all(h not in t for h in HELDOUT_PATTERNS for t in TRAIN_PHRASES)  # no held-out pattern inside a phrase
+    for phrase in TRAIN_PHRASES + HELDOUT_PHRASES:
+        caption, negative = reversal(phrase, "a bell", "knocking")
+        assert caption != negative and caption.count("a bell") == caption.count("knocking") == 1
+        assert sorted(re.findall(r"\w+", caption)) == sorted(re.findall(r"\w+", negative))  # the same words
+        assert reversal(phrase, "knocking", "a bell") == (negative, caption)
+
+
+class TextTable(torch.nn.Module):
+    """A stand-in CLAP whose text embeddings are looked up in a table (an unknown text embeds to zeros)."""
+
+    def __init__(self, table: dict[str, torch.Tensor]):
+        super().__init__()
+        self.table, self.texts, self.weight = table, [], torch.nn.Parameter(torch.zeros(1))
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        self.texts += texts
+        return torch.arange(len(self.texts) - len(texts), len(self.texts))
+
+    def forward(self, audio, *token_batches):
+        embed = [torch.stack([self.table.get(self.texts[i], torch.zeros(2)) for i in t]) for t in token_batches]
+        return (None, *embed, None)
+
+
+def test_heldout_phrasing_scores_each_clip_against_its_own_reversed_caption():
+    """Two pairs of mixed clips and a single: a text model that gives the held-out caption of each clip's true
+    order the clip's own embedding scores 1 both ways; one that gives it to the reversed caption scores 0."""
+    task = make_task("tclap", {"classes": {"bell": "a bell", "knock": "knocking"}})
+    first, second = torch.tensor([0, 1, 0, 1, 0]), torch.tensor([1, 0, 1, 0, -1])
+    pair, mixed = torch.tensor([0, 0, 1, 1, -1]), second >= 0
+    audio = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = ["a bell", "knocking"]
+    for right in (True, False):
+        table = {}
+        for i in range(4):
+            caption, negative = reversal(HELDOUT_PHRASES[int(pair[i])], labels[first[i]], labels[second[i]])
+            table[caption if right else negative] = audio[i]
+        pos, neg = task._heldout_phrasing(TextTable(table), first, second, pair, mixed, 2)
+        assert not pos[4].any() and not neg[4].any()  # a single-event clip has no order to tell
+        expected = 1.0 if right else 0.0
+        assert tclassify(audio, pos, neg, pair, mixed) == {"tclassify_a2t": expected, "tclassify_t2a": expected}
 
 
 def test_train_transform_scales_each_clip_by_its_own_gain_and_keeps_the_rest():

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cliptime.data.order_phrases import TRAIN_PHRASES, reversal
 from cliptime.errors import CliptimeError
 
 Rng = np.random.Generator
@@ -147,7 +148,8 @@ EVENT_CLASSES: dict[str, tuple[str, Callable[[Rng, int, int], np.ndarray]]] = {
 }
 
 # Order templates: {first} happens before {second}. The negative caption of a clip is the same template with
-# the two events swapped. The sets are a tuning dimension.
+# the two events swapped. `basic` and `rich` are short fixed lists; `grammar` composes hundreds of phrasings from
+# parts (cliptime.data.order_phrases), none of those its held-out evaluation uses.
 ORDER_TEMPLATES: dict[str, tuple[str, ...]] = {
     "basic": ("{first} followed by {second}", "first {first}, then {second}", "{second} after {first}"),
     "rich": (
@@ -159,6 +161,7 @@ ORDER_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{second}, preceded by {first}",
         "{first} comes first and {second} comes next",
     ),
+    "grammar": TRAIN_PHRASES,
 }
 SINGLE_TEMPLATES = ("{event}", "the sound of {event}", "{event} is heard")
 
@@ -219,14 +222,8 @@ class ClipWriter:
         gap = int(rng.uniform(*gap_seconds) * self.sr)
         template = self.templates[int(rng.integers(len(self.templates)))]
         for first, second, events in ((a, b, [ea, eb]), (b, a, [eb, ea])):
-            self._add(
-                place(events, self.n, lead, gap, rng),
-                template.format(first=self.labels[first], second=self.labels[second]),
-                template.format(first=self.labels[second], second=self.labels[first]),
-                first,
-                second,
-                pair,
-            )
+            caption, negative = reversal(template, self.labels[first], self.labels[second])
+            self._add(place(events, self.n, lead, gap, rng), caption, negative, first, second, pair)
 
     def add_single(self, event: str, x: np.ndarray, rng: Rng) -> None:
         lead = int(rng.integers(0, self.n - len(x) + 1))

@@ -14,6 +14,11 @@ Model: an open_clip backbone embeds image and caption; the L2-normalized embeddi
 paper's element-wise sum, or `concat`); a linear classifier predicts the stage and a time head (the paper's
 Time-Transformer, or an MLP for the ablation) regresses t with a sigmoid. Loss: `cls_weight * CE +
 time_weight * MSE`.
+
+Training is aimed at the image: each training image comes at a random quarter turn and flip, with its hue turned
+(`--hue-jitter`) and, for a fraction, in grayscale (`--grayscale-fraction`), and with the stage-neutral caption
+half of the time (`--caption-dropout`). A photo alone must then tell stage and time, from shapes rather than
+colour; the evaluation's image-only, grayscale and hue-shifted accuracies show whether it does.
 """
 
 from __future__ import annotations
@@ -77,11 +82,17 @@ class CLIPTimeConfig:
     ffn_dim: int = option(2048, "feed-forward width of the Time-Transformer (hidden width of the MLP head)")
     cls_weight: float = option(1.0, "weight of the stage classification loss")
     time_weight: float = option(
-        5.0, "weight of the time regression loss (MSE on normalized time; the paper weights both losses 1)"
+        20.0, "weight of the time regression loss (MSE on normalized time; the paper weights both losses 1)"
     )
     caption_dropout: float = option(
-        0.2, "probability of training with a stage-neutral caption, so image-only prediction works"
+        0.5, "probability of training with a stage-neutral caption, so image-only prediction works"
     )
+    hue_jitter: float = option(
+        0.5,
+        "largest random hue rotation of a training image, in turns (0.5: any hue; 0: none), so colour alone "
+        "cannot decide",
+    )
+    grayscale_fraction: float = option(0.2, "fraction of training images seen in grayscale")
 
 
 class CLIPTimeModel(nn.Module):
@@ -146,6 +157,29 @@ def convert_timelapse(
     return timelapse.convert(photos_dir, cfg, size, CLIPTimeTask.schema, scratch, skip_bad)
 
 
+def _hue_rotation(turns: torch.Tensor) -> torch.Tensor:
+    """(N,) rotations in turns -> (N, 3, 3) matrices turning RGB colours about the gray axis: each hue moves round
+    the colour circle by the angle, gray and brightness stay (Rodrigues' formula about (1, 1, 1) / sqrt(3))."""
+    angle = 2 * torch.pi * turns
+    k = torch.full((3,), 3**-0.5, device=turns.device)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=turns.device) * 3**-0.5
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    return cos * torch.eye(3, device=turns.device) + sin * cross + (1 - cos) * torch.outer(k, k)
+
+
+def recolour_for_training(images: torch.Tensor, hue_jitter: float, grayscale_fraction: float) -> torch.Tensor:
+    """uint8 NHWC training images with their hues turned by up to `hue_jitter` turns either way and a
+    `grayscale_fraction` of them in grayscale: stage and time must then be read from shape and brightness."""
+    n = len(images)
+    x = images.float()
+    turns = (torch.rand(n, device=x.device) * 2 - 1) * hue_jitter
+    x = torch.einsum("nij,nhwj->nhwi", _hue_rotation(turns), x)
+    gray = torch.rand(n, device=x.device) < grayscale_fraction
+    luma = x @ torch.tensor([0.299, 0.587, 0.114], device=x.device)  # ITU-R 601 luma, as rgb_to_grayscale
+    x = torch.where(gray[:, None, None, None], luma[..., None].expand_as(x), x)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
 # -- evaluation on variants of the test images -------------------------------------------------------------------
 # The hue shift turns every hue a third of the colour circle (120 degrees; torchvision counts hue in turns). The
 # CLIPTime authors' generator paints its stages yellow, orange and red (hues 60 to 0 degrees): turned, they are cyan
@@ -207,7 +241,7 @@ class CLIPTimeTask(Task):
     )
     label_column = "stage"
     monitor = "val/accuracy_image_only"  # the caption names the stage: a photo alone is the honest test
-    train_defaults = {"epochs": 14, "batch_size": 64, "lr": 2e-3}
+    train_defaults = {"epochs": 20, "batch_size": 64, "lr": 2e-3}
     data_fields = ("data", "sequences", "frames", "image_size", "hours", "templates", "data_seed", "model")
     data_sizes = {"sequences": 7, "frames": 10}
     tiny_model = {"image_size": 32, "head_depth": 1, "ffn_dim": 64}
@@ -236,6 +270,13 @@ class CLIPTimeTask(Task):
             raise CliptimeError(f"--fusion {c.fusion!r}: expected sum or concat")
         if c.head not in ("transformer", "mlp"):
             raise CliptimeError(f"--head {c.head!r}: expected transformer or mlp")
+        for flag, value, most in (
+            ("--caption-dropout", c.caption_dropout, 1.0),
+            ("--grayscale-fraction", c.grayscale_fraction, 1.0),
+            ("--hue-jitter", c.hue_jitter, 0.5),
+        ):
+            if value > most:
+                raise CliptimeError(f"{flag} {value:g}: expected at most {most:g}")
         check_backbone(c.model, c.pretrained)
         fused = embed_dim(c.model) * (2 if c.fusion == "concat" else 1)
         if c.head == "transformer" and fused % c.head_heads:
@@ -280,6 +321,12 @@ class CLIPTimeTask(Task):
     def augmenter(self) -> FlipRotateCaptionDropout:
         neutral = tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION]).numpy()[0]
         return FlipRotateCaptionDropout(neutral, self.cfg.caption_dropout)
+
+    def train_transform(self, batch: Batch) -> Batch:
+        c = self.cfg
+        if not (c.hue_jitter or c.grayscale_fraction):
+            return batch
+        return {**batch, "image": recolour_for_training(batch["image"], c.hue_jitter, c.grayscale_fraction)}
 
     # -- model and loss ------------------------------------------------------------------------------------
     def build_model(self, load_pretrained: bool = True) -> CLIPTimeModel:

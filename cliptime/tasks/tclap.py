@@ -49,6 +49,7 @@ from torch import nn
 from cliptime.config import option
 from cliptime.data import esc50
 from cliptime.data.generated import from_generator
+from cliptime.data.order_phrases import HELDOUT_PHRASES, reversal
 from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, from_pcm16, generate_block, order_templates
 from cliptime.errors import CliptimeError
 from cliptime.models.clap import CLAPEncoder, check_clap
@@ -79,7 +80,7 @@ class TCLAPConfig:
         480, "generated single-event clips in the test split, where zero-shot accuracy is reported (each 0.2 points)"
     )
     gap: tuple[float, float] = option((0.0, 0.0), "range of the silent gap between the two events, seconds")
-    templates: str = option("basic", "order-caption template set: basic or rich")
+    templates: str = option("basic", "order-caption template set: basic, rich or grammar (composed phrasings)")
     data_seed: int = option(0, "seed of the generated data set")
     audio_model: str = option("cliptime-tiny-cnn6", "CLAP audio config (laion_clap's, or cliptime-tiny-cnn6)")
     text_model: str = option("transformer", "CLAP text branch: transformer (offline) or roberta/bert/bart")
@@ -332,13 +333,35 @@ class TCLAPTask(Task):
         device = next(model.parameters()).device
         labels = list(self.event_classes.values())
         _, label_emb, _ = model(None, model.tokenize(labels).to(device))
-        metrics = tclassify(r["a"], r["t"], r["n"], r["pair"], r["second"] >= 0)
+        mixed = r["second"] >= 0
+        metrics = tclassify(r["a"], r["t"], r["n"], r["pair"], mixed)
+        pos, neg = self._heldout_phrasing(model, r["first"], r["second"], r["pair"], mixed, r["t"].shape[1])
+        heldout = tclassify(r["a"], pos, neg, r["pair"], mixed)
+        metrics.update({f"{name}_heldout_phrasing": value for name, value in heldout.items()})
         metrics.update(retrieval(r["a"], r["t"], r["key"]))
         single = r["second"] < 0
         if single.any():
             guess = (r["a"][single] @ label_emb.float().cpu().T).argmax(-1)
             metrics["zeroshot_accuracy"] = float((guess == r["first"][single]).float().mean())
         return metrics, {"metrics": metrics}
+
+    def _heldout_phrasing(self, model, first, second, pair, mixed, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings of each mixed clip's order told in a phrasing no training set uses, and of its reversal
+        (zeros for single-event clips). Both clips of a pair get the same phrasing (`HELDOUT_PHRASES`, by pair id)."""
+        labels = list(self.event_classes.values())
+        rows = torch.nonzero(mixed).squeeze(1).tolist()
+        texts = [
+            reversal(HELDOUT_PHRASES[int(pair[i]) % len(HELDOUT_PHRASES)], labels[first[i]], labels[second[i]])
+            for i in rows
+        ]
+        device = next(model.parameters()).device
+        pos, neg = torch.zeros(len(first), dim), torch.zeros(len(first), dim)
+        for start in range(0, len(rows), 256):
+            chunk, at = texts[start : start + 256], rows[start : start + 256]
+            caption, negative = (model.tokenize([t[k] for t in chunk]).to(device) for k in (0, 1))
+            _, pos_emb, neg_emb, _ = model(None, caption, negative)
+            pos[at], neg[at] = pos_emb.float().cpu(), neg_emb.float().cpu()
+        return pos, neg
 
     def figures(self, outputs: dict[str, Any], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
         import matplotlib
