@@ -191,3 +191,36 @@ def predict_main(argv: list[str] | None = None) -> int:
         return predict.predict(args.model, task, model, path, args)
 
     return run_job(job)
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Serve a registered cliptime model over HTTP on Ray Serve until Ctrl-C: POST /predict (the "
+        "file as the body, the task's predict flags as query parameters, or JSON with base64 data), GET / (a page "
+        "to drop a file on), GET /healthz, GET /model. serve/cliptime.yaml runs the same app with `serve run` or "
+        "`serve deploy`.",
+    )
+    parser.add_argument("model", help="model URI, e.g. models:/cliptime@champion or models:/tclap/1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas (Ray actors)")
+    parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica (its torch threads)")
+    parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (> 0: predict on the GPU)")
+    parser.add_argument(
+        "--reload-alias",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="re-read the URI's alias this often and swap in the version it names (0: never)",
+    )
+    parser.add_argument("--max-batch-size", type=int, default=16, help="requests predicted together")
+    parser.add_argument("--batch-wait-ms", type=float, default=10, help="how long a batch waits to fill")
+    parser.add_argument("--max-bytes", type=int, default=32 << 20, help="the largest request body taken")
+    args = parser.parse_args(argv)
+
+    def job():
+        from cliptime.serve import run
+
+        return run({k: v for k, v in vars(args).items() if k not in ("host", "port")}, args.host, args.port)
+
+    return run_job(job)

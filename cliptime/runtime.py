@@ -34,22 +34,25 @@ def init_ray(reserved_cpus: int = 0) -> None:
     """
     if ray.is_initialized():
         return
-    with _sigterm_handler_kept():
+    with handlers_kept(signal.SIGTERM):  # cliptime.cli.run_job's: SIGTERM stops a job as Ctrl-C does
         _init_ray(reserved_cpus)
 
 
 @contextmanager
-def _sigterm_handler_kept():
-    """Put back the SIGTERM handler this process had before Ray started, if it set one (`cliptime.cli.run_job`'s:
-    SIGTERM stops a job as Ctrl-C does, exit 130). `ray.init` replaces it, for a new local Ray with one that kills
-    Ray's processes at once and exits: a job stopped so died of SIGABRT (tests/test_recovery.py). `run_job`
-    shuts down a Ray it started itself."""
-    handler = signal.getsignal(signal.SIGTERM)
+def handlers_kept(*signums: int):
+    """Put back the handlers of `signums` this process had before the block, where it set them itself. Ray replaces
+    them and leaves its own in place: `ray.init` for a new local Ray sets a SIGTERM handler that kills Ray's
+    processes at once and exits (a job stopped so died of SIGABRT, tests/test_recovery.py); Ray Train's and Ray
+    Tune's runs set SIGINT handlers bound to the run, after which Ctrl-C no longer interrupts this process
+    (tests/test_serve.py's Ctrl-C after a sweep in the same process). Only the main thread may set handlers."""
+    handlers = {signum: signal.getsignal(signum) for signum in signums}
     try:
         yield
     finally:
-        if callable(handler) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, handler)
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                if callable(handler):
+                    signal.signal(signum, handler)
 
 
 def _init_ray(reserved_cpus: int) -> None:

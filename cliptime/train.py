@@ -12,7 +12,6 @@ import json
 import pickle
 import signal
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from cliptime.config import TrainConfig, from_dict
 from cliptime.errors import CliptimeError
+from cliptime.runtime import handlers_kept
 from cliptime.tasks import make_task, task_ref
 from cliptime.tasks.base import Task
 
@@ -266,14 +266,10 @@ def fit(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    on_sigint = signal.getsignal(signal.SIGINT)
     try:
-        return trainer.fit()
+        with handlers_kept(signal.SIGINT):
+            return trainer.fit()
     except SystemExit:
         # Ctrl-C (or SIGTERM, see cliptime.cli) in a driver: Ray Train's handler aborts the run's workers and
         # then exits with status 0. The run is stopped, not done: to the job it is an interrupt.
         raise KeyboardInterrupt from None
-    finally:
-        if in_main_thread:  # Ray Train leaves its handler, bound to this run, in place after the run
-            signal.signal(signal.SIGINT, on_sigint)

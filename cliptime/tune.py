@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from cliptime import evaluate, registry, tracking, train
 from cliptime.config import TrainConfig, fits, flat_params, setting_types, type_name
 from cliptime.errors import CliptimeError, Interrupted
 from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
-from cliptime.runtime import Storage, init_ray
+from cliptime.runtime import Storage, handlers_kept, init_ray
 from cliptime.tasks import task_class, task_ref
 from cliptime.tasks.base import Task
 
@@ -408,7 +409,8 @@ def sweep(
     else:
         tuner = _new_tuner(spec, tc, trainable, storage, name)
     with storage.hold(name), tracking.run_status(client, parent, active=True):
-        results = tuner.fit()
+        with handlers_kept(signal.SIGINT):
+            results = tuner.fit()
         _check_complete(spec, results, f"python jobs/tune.py {spec_path} --resume {name}")
         best = results.get_best_result(spec.metric, spec.mode, scope="last")
         value = float(best.metrics[spec.metric])
