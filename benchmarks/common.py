@@ -41,9 +41,9 @@ COLUMNS = {
         ("zeroshot_accuracy", "zero-shot"),
     ],
 }
-# cliptime from a checkout when run as `python benchmarks/<script>.py`; appended, so that the benchmarks' own
-# modules (jobs.py) win over the checkout's folders of the same name (jobs/)
-sys.path.append(str(ROOT))
+# cliptime from this checkout when run as `python benchmarks/<script>.py` (before an installed one); after the
+# benchmarks' own folder, so that their modules (jobs.py) win over the checkout's folders of the same name (jobs/)
+sys.path.insert(1, str(ROOT))
 
 
 def machine() -> str:
@@ -108,3 +108,9 @@ def mean_std(stat: dict | None, digits: int = 3) -> str:
         return "-"
     text = f"{stat['mean']:.{digits}f}"
     return f"{text} ± {stat['std']:.{digits}f}" if len(stat["values"]) > 1 else text
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header row, the rule under it, a line per row."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

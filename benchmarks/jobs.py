@@ -22,7 +22,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import COLUMNS, RESULTS, machine, mean_std, over_seeds, run_job, today, write_results
+from common import COLUMNS, RESULTS, machine, markdown_table, mean_std, over_seeds, run_job, today, write_results
 
 from cliptime.tasks.cliptime import CLIPTimeConfig
 
@@ -80,14 +80,14 @@ def markdown(rows: list[dict], when: str, where: str) -> str:
     for r in rows:
         n = len(r["runs"])
         out += [f"## {r['task']}: `{r['command']}`, seeds {' '.join(map(str, r['seeds']))}", ""]
-        out += ["| metric | mean ± std | " + " | ".join(f"seed {s}" for s in r["seeds"]) + " |", "|---" * (n + 2) + "|"]
+        lines = []
         for name, stat in r["summary"].items():
             if name == "seconds" or name.startswith(("test/", "baseline/")):
-                values = " | ".join(f"{v:.3f}" if name != "seconds" else f"{v:.0f}" for v in stat["values"])
-                out.append(f"| {name} | {mean_std(stat, 0 if name == 'seconds' else 3)} | {values} |")
-        out += ["", "| target (on the mean) | met | runs that met it |", "|---|---|---|"]
-        out += [f"| {k} | {'yes' if t['mean'] else 'NO'} | {t['runs']}/{n} |" for k, t in r["targets"].items()]
-        out.append("")
+                digits = 0 if name == "seconds" else 3
+                lines.append([name, mean_std(stat, digits), *(f"{v:.{digits}f}" for v in stat["values"])])
+        out += [markdown_table(["metric", "mean ± std", *(f"seed {s}" for s in r["seeds"])], lines), ""]
+        checks = [[k, "yes" if t["mean"] else "NO", f"{t['runs']}/{n}"] for k, t in r["targets"].items()]
+        out += [markdown_table(["target (on the mean)", "met", "runs that met it"], checks), ""]
     return "\n".join(out)
 
 
@@ -95,14 +95,13 @@ def readme_table(results: list[dict]) -> str:
     """The README's table of job results of one task: a row per model and command, mean ± std over the seeds."""
     task = results[0]["task"]
     cols = COLUMNS[task]
-    out = ["| model | " + " | ".join(name for _, name in cols) + " | job (s) | seeds | command |"]
-    out.append("|---" * (len(cols) + 4) + "|")
+    lines = []
     for r in results:
         for i, (model, prefix) in enumerate(MODELS[task].items()):
-            values = " | ".join(mean_std(r["summary"].get(prefix + k)) for k, _ in cols)
             seconds = mean_std(r["summary"]["seconds"], 0) if i == 0 else "(with the row above)"
-            out.append(f"| {model} | {values} | {seconds} | {len(r['seeds'])} | `{r['command']}` |")
-    return "\n".join(out)
+            values = [mean_std(r["summary"].get(prefix + k)) for k, _ in cols]
+            lines.append([model, *values, seconds, str(len(r["seeds"])), f"`{r['command']}`"])
+    return markdown_table(["model", *(name for _, name in cols), "job (s)", "seeds", "command"], lines)
 
 
 def main() -> None:

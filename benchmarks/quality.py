@@ -21,7 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import COLUMNS, RESULTS, machine, mean_std, over_seeds, run_job, today, write_results
+from common import COLUMNS, RESULTS, machine, markdown_table, mean_std, over_seeds, run_job, today, write_results
 
 # row label -> (job script, flags); the T-CLAP job also trains and reports its plain-CLAP baseline.
 CONFIGS = {
@@ -65,12 +65,12 @@ def rows_of(task: str, budget: list[str], only: list[str], seeds: list[int]) -> 
 def table(rows: list[dict], task: str) -> str:
     """The Markdown table of one task's rows: each cell the mean ± standard deviation over the seeds."""
     cols = COLUMNS[task]
-    out = ["| configuration | " + " | ".join(name for _, name in cols) + " | job (s) | command |"]
-    out.append("|---" * (len(cols) + 3) + "|")
-    for r in (r for r in rows if r["task"] == task):
-        values = " | ".join(mean_std(r["metrics"].get(k)) for k, _ in cols)
-        out.append(f"| {r['config']} | {values} | {mean_std(r['seconds'], 0)} | `{r['command']}` |")
-    return "\n".join(out)
+    lines = [
+        [r["config"], *(mean_std(r["metrics"].get(k)) for k, _ in cols), mean_std(r["seconds"], 0), f"`{r['command']}`"]
+        for r in rows
+        if r["task"] == task
+    ]
+    return markdown_table(["configuration", *(name for _, name in cols), "job (s)", "command"], lines)
 
 
 def markdown(rows: list[dict], when: str, where: str, budget: list[str], seeds: list[int]) -> str:

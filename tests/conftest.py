@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -157,3 +158,8 @@ def ray_stop(*nodes: subprocess.Popen) -> None:
     for node in reversed(nodes):
         os.killpg(node.pid, signal.SIGTERM)
         node.wait(timeout=60)
+
+
+def last_json_line(out: str) -> dict:
+    """A job's result, its last JSON line (in-process, Ray's forwarded worker lines may come after it)."""
+    return json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))

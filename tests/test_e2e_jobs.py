@@ -1,4 +1,5 @@
-"""End to end, as a user runs it: job scripts in their own processes, a killed run resumed, `ray job submit`."""
+"""End to end, as a user runs it: a job killed with its local Ray (SIGKILL of its process group) and resumed;
+`ray job submit` to a head started with `ray start`."""
 
 import json
 import os
@@ -10,8 +11,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cliptime.cli import train_main
 from cliptime.runtime import free_port
-from tests.conftest import ROOT, ray_start, ray_stop, registered_versions, run_job
+from tests.conftest import ROOT, last_json_line, ray_start, ray_stop, registered_versions
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +35,6 @@ TINY_CLIPTIME = [
 ]
 
 
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
 def kill_once_checkpointed(cmd: list[str], env: dict, cwd, storage, pattern: str, timeout: float = 400) -> None:
     """Start `cmd` in its own process group and SIGKILL the whole group (the driver, its local Ray and the
     training workers, at once) as soon as a checkpoint directory matching `pattern` exists under `storage`."""
@@ -51,7 +49,11 @@ def kill_once_checkpointed(cmd: list[str], env: dict, cwd, storage, pattern: str
     proc.wait()
 
 
-def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, tmp_path):
+def test_killed_job_resumes_from_its_checkpoint_with_one_history(
+    ray_session, mlflow_store, monkeypatch, tmp_path, capsys
+):
+    """The job script killed with its local Ray once a checkpoint exists (its lock and its RUNNING MLflow run left
+    behind, as after a crash), then `--resume` (in-process, on the tests' Ray) trains the rest in the same run."""
     storage = tmp_path / "ray_results"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     cmd = [
@@ -69,16 +71,10 @@ def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, t
     done_before = len(list(storage.glob("*/checkpoint_*")))
     assert 1 <= done_before < 4
 
-    resumed = run_job(
-        "train_cliptime.py",
-        "--resume",
-        "--storage-path",
-        str(storage),
-        env={"MLFLOW_TRACKING_URI": mlflow_store},
-        cwd=tmp_path,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    result = last_json(resumed.stdout)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    capsys.readouterr()
+    assert train_main("cliptime", "", ["--resume", "--storage-path", str(storage)]) == 0, capsys.readouterr().err
+    result = last_json_line(capsys.readouterr().out)
     client = MlflowClient(mlflow_store)
     steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "train/loss"))
     assert steps == [0, 1, 2, 3]  # every epoch once: none lost, none logged twice
@@ -124,7 +120,7 @@ def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
                 break
             time.sleep(2)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
+        result = last_json_line(proc.stdout)
         assert result["model_name"] == "cliptime" and result["model_version"] == "1"
         assert registered_versions(store, "cliptime")
     finally:

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from cliptime.data.shards import check_shard
 from cliptime.runtime import LOCK, Storage, free_port
 from cliptime.tasks.cliptime import CLIPTimeTask
-from tests.conftest import ROOT, registered_versions
+from tests.conftest import ROOT, last_json_line, registered_versions
 
 pytestmark = pytest.mark.slow
 
@@ -108,11 +108,6 @@ def retrained(before: list[dict], after: list[dict]) -> list[int]:
     return [h["epoch"] for h in after if h["epoch"] >= len(before) or h != before[h["epoch"]]]
 
 
-def json_line(out: str) -> dict:
-    """A job's result, its last JSON line (in-process, Ray's forwarded worker lines may come after it)."""
-    return json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
-
-
 def checkpoints(run_folder: Path) -> list[Path]:
     """The checkpoint folders of a Ray Train run, oldest first (they are named by time)."""
     return sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir())
@@ -169,7 +164,7 @@ def test_sigterm_stops_a_job_killed_and_resume_finishes_it_in_the_same_run(
     tc = ToyTask.train_config(resume="sigterm", storage_path=str(storage))
     assert run_job(lambda: job.run(ToyTask(ToyConfig(rows=4096)), tc)) == 0
     resume_seconds = time.time() - started
-    result = json_line(capsys.readouterr().out)
+    result = last_json_line(capsys.readouterr().out)
     assert result["run_id"] == run_id
     assert steps(client, run_id) == list(range(epochs))  # every epoch once
     assert result["metrics"]["test/accuracy"] >= 0.8  # chance is 0.5
@@ -240,7 +235,7 @@ def test_ctrl_c_stops_a_sweep_unregistered_and_resume_finishes_it(
     started = time.time()
     assert tune_main([*flags, "--resume", "s1"]) == 0
     resume_seconds = time.time() - started
-    result = json_line(capsys.readouterr().out)
+    result = last_json_line(capsys.readouterr().out)
     assert result["run_id"] == parent and result["trials"] == 2
     versions = registered_versions(empty_store, "toy")
     assert [str(v.version) for v in versions] == [result["model_version"]] == [result["champion_version"]] == ["1"]
@@ -338,7 +333,7 @@ def test_a_job_outlives_an_mlflow_server_restart_and_logs_every_epoch(migrated_s
     before this test set anything, so the job runs as a process of its own, with MLflow's retries cut to
     seconds."""
     shutil.copy(migrated_store_file, tmp_path / "mlflow.db")
-    server, storage, epochs = MlflowServer(tmp_path), tmp_path / "storage", 20  # training outlasts the restart
+    server, storage, epochs = MlflowServer(tmp_path), tmp_path / "storage", 14  # training outlasts the restart
     server.start()
     retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # gives up in 1 s
     env = env_with(server.uri, **retries, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0")

@@ -159,7 +159,8 @@ def convert_timelapse(
 
 def _hue_rotation(turns: torch.Tensor) -> torch.Tensor:
     """(N,) rotations in turns -> (N, 3, 3) matrices turning RGB colours about the gray axis: each hue moves round
-    the colour circle by the angle, gray and brightness stay (Rodrigues' formula about (1, 1, 1) / sqrt(3))."""
+    the colour circle by the angle; grays, and each colour's mean over its channels, stay (Rodrigues' formula about
+    the axis (1, 1, 1) / sqrt(3))."""
     angle = 2 * torch.pi * turns
     k = torch.full((3,), 3**-0.5, device=turns.device)
     cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=turns.device) * 3**-0.5
@@ -168,16 +169,17 @@ def _hue_rotation(turns: torch.Tensor) -> torch.Tensor:
 
 
 def recolour_for_training(images: torch.Tensor, hue_jitter: float, grayscale_fraction: float) -> torch.Tensor:
-    """uint8 NHWC training images with their hues turned by up to `hue_jitter` turns either way and a
-    `grayscale_fraction` of them in grayscale: stage and time must then be read from shape and brightness."""
+    """uint8 NHWC training images with their hues turned by up to `hue_jitter` turns either way (a saturated
+    colour may clip) and a `grayscale_fraction` of them in grayscale: stage and time must then be read from shapes
+    rather than colours."""
     n = len(images)
-    x = images.float()
-    turns = (torch.rand(n, device=x.device) * 2 - 1) * hue_jitter
-    x = torch.einsum("nij,nhwj->nhwi", _hue_rotation(turns), x)
-    gray = torch.rand(n, device=x.device) < grayscale_fraction
-    luma = x @ torch.tensor([0.299, 0.587, 0.114], device=x.device)  # ITU-R 601 luma, as rgb_to_grayscale
-    x = torch.where(gray[:, None, None, None], luma[..., None].expand_as(x), x)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    with torch.autocast(images.device.type, enabled=False):  # pixel levels in float32, whatever the step's AMP
+        x = images.float()
+        turns = (torch.rand(n, device=x.device) * 2 - 1) * hue_jitter
+        x = torch.einsum("nij,nhwj->nhwi", _hue_rotation(turns), x)
+        gray = torch.rand(n, device=x.device) < grayscale_fraction
+        luma = TF.rgb_to_grayscale(x.permute(0, 3, 1, 2), num_output_channels=3).permute(0, 2, 3, 1)
+        return torch.where(gray[:, None, None, None], luma, x).round_().clamp_(0, 255).to(torch.uint8)
 
 
 # -- evaluation on variants of the test images -------------------------------------------------------------------

@@ -369,7 +369,14 @@ class TCLAPTask(Task):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = ["tclassify_a2t", "tclassify_t2a", "zeroshot_accuracy", "a2t_R1", "t2a_R1"]
+        names = [
+            "tclassify_a2t",
+            "tclassify_t2a",
+            "tclassify_a2t_heldout_phrasing",
+            "zeroshot_accuracy",
+            "a2t_R1",
+            "t2a_R1",
+        ]
         runs = {f"T-CLAP (lambda={self.cfg.temporal_weight:g})": outputs["metrics"]}
         if baseline is not None:
             runs["plain CLAP baseline"] = baseline["metrics"]
