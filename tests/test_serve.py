@@ -37,6 +37,7 @@ from cliptime.runtime import free_port
 from cliptime.serve import build, settings
 from cliptime.tasks.cliptime import CLIPTimeTask
 from cliptime.tasks.tclap import TCLAPTask
+from tests.chromium import Page
 from tests.conftest import ROOT
 
 
@@ -131,6 +132,31 @@ def test_the_page_has_a_field_per_flag_and_posts_under_the_apps_prefix(app):
     assert page.status_code == 200, page.text
     assert page.headers["content-type"].startswith("text/html")
     assert 'data-flag="caption"' in page.text and '"/cliptime/predict?"' in page.text
+
+
+@pytest.mark.slow
+def test_a_file_picked_on_the_page_in_chromium_shows_the_models_answer(app, tmp_path):
+    """The page in a real browser (headless Chromium): a photo picked in its file field, with a caption typed in,
+    is posted by the page's script and its answer shown, as `task.predict` gives it. The screenshot is kept beside
+    the test's files (page.png)."""
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png(3))
+    page = Page()
+    try:
+        page.open(f"{app.url}/cliptime/")
+        page.evaluate("document.querySelector('[data-flag=caption]').value = 'fungal hyphae'")
+        page.pick_file("#file", photo)
+        page.wait_for("document.getElementById('out').dataset.status")
+        status, shown = page.evaluate("document.getElementById('out').textContent").split("\n", 1)
+        (tmp_path / "page.png").write_bytes(page.screenshot())
+    finally:
+        page.close()
+    assert status == "200", shown
+    task, model = load("models:/cliptime/1", app.store)
+    want = task.predict(model, pd.DataFrame({"image": [png(3)], "caption": ["fungal hyphae"]})).iloc[0]
+    answer = json.loads(shown)
+    assert answer["stage"] == want["stage"] and answer["hours"] == pytest.approx(want["hours"], rel=1e-4)
+    assert Image.open(tmp_path / "page.png").size == (900, 900)  # what a user sees, drawn
 
 
 @pytest.mark.slow
