@@ -26,6 +26,8 @@ def test_tclap_run_trains_baseline_and_registers(ray_session, tracking, tmp_path
     for key in (
         "test/tclassify_a2t",
         "test/tclassify_t2a",
+        "test/tclassify_a2t_heldout_phrasing",
+        "test/tclassify_t2a_heldout_phrasing",
         "test/a2t_R10",
         "test/zeroshot_accuracy",
         "baseline/test/tclassify_a2t",
