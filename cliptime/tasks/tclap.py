@@ -335,7 +335,7 @@ class TCLAPTask(Task):
         _, label_emb, _ = model(None, model.tokenize(labels).to(device))
         mixed = r["second"] >= 0
         metrics = tclassify(r["a"], r["t"], r["n"], r["pair"], mixed)
-        pos, neg = self._heldout_phrasing(model, r["first"], r["second"], r["pair"], mixed, r["t"].shape[1])
+        pos, neg = heldout_phrasing(model, labels, r["first"], r["second"], r["pair"], mixed, r["t"].shape[1])
         heldout = tclassify(r["a"], pos, neg, r["pair"], mixed)
         metrics.update({f"{name}_heldout_phrasing": value for name, value in heldout.items()})
         metrics.update(retrieval(r["a"], r["t"], r["key"]))
@@ -344,24 +344,6 @@ class TCLAPTask(Task):
             guess = (r["a"][single] @ label_emb.float().cpu().T).argmax(-1)
             metrics["zeroshot_accuracy"] = float((guess == r["first"][single]).float().mean())
         return metrics, {"metrics": metrics}
-
-    def _heldout_phrasing(self, model, first, second, pair, mixed, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text embeddings of each mixed clip's order told in a phrasing no training set uses, and of its reversal
-        (zeros for single-event clips). Both clips of a pair get the same phrasing (`HELDOUT_PHRASES`, by pair id)."""
-        labels = list(self.event_classes.values())
-        rows = torch.nonzero(mixed).squeeze(1).tolist()
-        texts = [
-            reversal(HELDOUT_PHRASES[int(pair[i]) % len(HELDOUT_PHRASES)], labels[first[i]], labels[second[i]])
-            for i in rows
-        ]
-        device = next(model.parameters()).device
-        pos, neg = torch.zeros(len(first), dim), torch.zeros(len(first), dim)
-        for start in range(0, len(rows), 256):
-            chunk, at = texts[start : start + 256], rows[start : start + 256]
-            caption, negative = (model.tokenize([t[k] for t in chunk]).to(device) for k in (0, 1))
-            _, pos_emb, neg_emb, _ = model(None, caption, negative)
-            pos[at], neg[at] = pos_emb.float().cpu(), neg_emb.float().cpu()
-        return pos, neg
 
     def figures(self, outputs: dict[str, Any], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
         import matplotlib
@@ -449,6 +431,25 @@ class TCLAPTask(Task):
             first_wins = predictions["score"].iloc[0] >= predictions["score"].iloc[1]
             result["order"] = list(args.order) if first_wins else list(reversed(args.order))
         return result
+
+
+def heldout_phrasing(model, labels, first, second, pair, mixed, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings of each mixed clip's order told in a phrasing no training set uses, and of its reversal
+    (zeros for single-event clips). Both clips of a pair get the same phrasing (`HELDOUT_PHRASES`, by pair id);
+    `labels` are the caption labels of the event classes, by class index."""
+    rows = torch.nonzero(mixed).squeeze(1).tolist()
+    texts = [
+        reversal(HELDOUT_PHRASES[int(pair[i]) % len(HELDOUT_PHRASES)], labels[first[i]], labels[second[i]])
+        for i in rows
+    ]
+    device = next(model.parameters()).device
+    pos, neg = torch.zeros(len(first), dim), torch.zeros(len(first), dim)
+    for start in range(0, len(rows), 256):
+        chunk, at = texts[start : start + 256], rows[start : start + 256]
+        caption, negative = (model.tokenize([t[k] for t in chunk]).to(device) for k in (0, 1))
+        _, pos_emb, neg_emb, _ = model(None, caption, negative)
+        pos[at], neg[at] = pos_emb.float().cpu(), neg_emb.float().cpu()
+    return pos, neg
 
 
 def tclassify(audio, pos, neg, pair, mixed) -> dict[str, float]:
