@@ -11,16 +11,25 @@ A registered version's artifacts (under the run's `model/`):
 The project's own loader (`load_model`, used by `jobs/predict.py`) reads the JSON and the tensors and builds the
 model from the installed cliptime: nothing from the registry is executed. Versions registered before this
 format (a pickled pyfunc around `weights.pt` and `task_config.json`) load the same way, from their tensors.
+
+Model cards: the registered model's description says what the task's model does and how to predict with it; each
+version's says what made it (the data, the settings that differ from the defaults, the command) and how it scored
+(`Card`). Both are Markdown, which MLflow's pages render; figures stay in the version's source run.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.metadata
 import json
+import shlex
+import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import torch
@@ -28,7 +37,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
+from cliptime.config import TrainConfig
+from cliptime.data.shards import display, file_system, read_manifest
 from cliptime.errors import CliptimeError
+from cliptime.pipeline import PreparedData
 from cliptime.tasks import make_task, task_ref
 from cliptime.tasks.base import Task
 
@@ -38,6 +50,8 @@ PROMOTION_ROUNDS = 20  # alias reads and writes before a promotion gives up on a
 CONFIG_FILE = "cliptime.json"
 WEIGHTS_FILE = "weights.safetensors"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+DESCRIPTION_LIMIT = 5000  # characters of a description that MLflow's SQL stores hold (a VARCHAR(5000) column)
+VALUE_LIMIT = 100  # characters of a value shown in a card (a shard folder's class list can be long)
 
 
 # -- model files ----------------------------------------------------------------------------------------------
@@ -94,9 +108,11 @@ def _requirements() -> list[str]:
     return [f"{n}=={importlib.metadata.version(n)}" for n in names]
 
 
-def log_and_register(task: Task, model: torch.nn.Module, register: bool, tags: dict[str, str]) -> str | None:
+def log_and_register(
+    task: Task, model: torch.nn.Module, register: bool, tags: dict[str, str], card: Card | None = None
+) -> str | None:
     """Log the model in the active run and register it as a version of the model named after its task, tagged
-    with `tags`, unless `register` is off; returns the version.
+    with `tags` and described by `card` (see `write_card`), unless `register` is off; returns the version.
 
     One version per run: a run that already registered one (a finished run resumed) gets that version back."""
     from mlflow.models import infer_signature
@@ -105,6 +121,8 @@ def log_and_register(task: Task, model: torch.nn.Module, register: bool, tags: d
     client = MlflowClient()
     if register and (version := registered_version(client, task.name, run_id)):
         print(f"run {run_id} is already registered as {task.name} version {version}", flush=True)
+        if card is not None:
+            write_card(client, task, version, card)
         return version
     example = task.input_example()
     signature = infer_signature(example, task.predict(model, example))
@@ -122,6 +140,11 @@ def log_and_register(task: Task, model: torch.nn.Module, register: bool, tags: d
     version = str(info.registered_model_version)
     for k, v in {"run_id": run_id, **tags}.items():
         client.set_model_version_tag(task.name, version, k, v)
+    client.update_registered_model(
+        task.name, description=model_description(task, signature.inputs.input_names(), signature.outputs.input_names())
+    )
+    if card is not None:
+        write_card(client, task, version, card)
     return version
 
 
@@ -189,3 +212,225 @@ def _best_scored(client: MlflowClient, model: str, key: str, mode: str) -> str:
     ]
     sign = 1 if mode == "max" else -1
     return str(max(scored, key=lambda sv: (sign * sv[0], -sv[1]))[1])
+
+
+# -- model cards ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepFacts:
+    """Where a sweep's registered best model stands against the champion."""
+
+    name: str
+    metric: str  # the validation metric the trials were ranked on; the champion is judged on its test twin
+    trials: int
+    champion_before: str | None = None  # the version that held the alias before (None: none did)
+    score_before: float | None = None  # its score on this sweep's test data
+    became_champion: bool | None = None  # None: not promoted yet
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a version's description tells besides its task: what made it and how it scored."""
+
+    data: PreparedData
+    train_config: TrainConfig
+    metrics: dict[str, float]  # `test/NAME` (and a baseline's `baseline/test/NAME`), in the task's order
+    run_name: str
+    sweep: SweepFacts | None = None
+    command: str = field(default_factory=lambda: shlex.join(["python", *sys.argv]))  # what this process ran
+
+
+def write_card(client: MlflowClient, task: Task, version: str, card: Card) -> None:
+    """Describe version `version` of the task's registered model by `card` (Markdown)."""
+    run_id = client.get_model_version(task.name, version).run_id
+    client.update_model_version(task.name, version, description=version_description(task, version, run_id, card))
+
+
+def model_description(task: Task, inputs: list[str], outputs: list[str]) -> str:
+    """The registered model's description: the task's own words, its pyfunc columns, and how to predict."""
+    uri = f"models:/{task.name}@{CHAMPION}"
+    flags = argparse.ArgumentParser(prog="", usage=argparse.SUPPRESS, add_help=False)
+    task.add_predict_args(flags.add_argument_group(f"{task.title}'s own flags of jobs/predict.py"))
+    task_flags = ["```", flags.format_help().strip(), "```", ""] if vars(flags.parse_args([])) else []
+    files = ", ".join(f".{s}" for s in task.file_suffixes) or "any"
+    lines = [
+        f"**{task.title}** (`{task_ref(task)}`). {task.summary}",
+        "",
+        f"pyfunc input columns: {_codes(inputs)}; output columns: {_codes(outputs)}.",
+        "",
+        "### Predict",
+        "",
+        f"`{uri}` is the version that won the sweeps so far (alias `{CHAMPION}`); `models:/{task.name}/N` is "
+        "version N. From a checkout of cliptime:",
+        "",
+        "```",
+        f"# a file ({files}): its answer as a JSON line",
+        f"python jobs/predict.py {uri} FILE",
+        "# a folder of such files: a table of answers (.parquet or .csv), through Ray Data",
+        f"python jobs/predict.py {uri} FOLDER --out predictions.parquet",
+        "# over HTTP on 127.0.0.1:8000: POST /predict, and a page to drop a file on at /",
+        f"python jobs/serve.py {uri}",
+        "```",
+        "",
+        *task_flags,
+        "From Python (no pickle is loaded: MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false works):",
+        "",
+        "```python",
+        "import mlflow",
+        f'model = mlflow.pyfunc.load_model("{uri}")',
+        f"predictions = model.predict(frame)  # a pandas DataFrame with columns {', '.join(inputs)}",
+        "```",
+        "",
+        "Each version's description tells its data, its settings, its test results and the command that made it.",
+    ]
+    return "\n".join(lines)
+
+
+def version_description(task: Task, version: str, run_id: str, card: Card) -> str:
+    """A version's Markdown card: its run, headline and other test metrics, data, changed settings, sweep
+    standing and command; cut at MLflow's `DESCRIPTION_LIMIT` (the run keeps everything)."""
+    headline = f"test/{task.monitor.removeprefix('val/')}"
+    lines = [
+        # plain words first: MLflow's list of versions shows the start of each description as it is written
+        f"{task.title} version {version}: {headline} {card.metrics[headline]:.4f} on test data "
+        f"{card.data.test_fingerprint}, trained by run {card.run_name}.",
+        "",
+        f"Its MLflow run (`{run_id}`, the *Source Run* link on this page) holds the per-epoch metrics, the figures "
+        "and the logged model.",
+        "",
+        "### Test results",
+        "",
+        *_metric_lines(card.metrics, headline),
+        "",
+        "### Data",
+        "",
+        *_data_lines(task, card.data),
+        "",
+        "### Settings that differ from the defaults",
+        "",
+        *_settings_lines(task, card.train_config),
+        "",
+        *(_sweep_lines(card.sweep) if card.sweep else []),
+        "### Command",
+        "",
+        "```",
+        _shell_lines(card.command),
+        "```",
+    ]
+    text = "\n".join(lines)
+    if len(text) <= DESCRIPTION_LIMIT:
+        return text
+    cut = f"\n\n(cut at MLflow's {DESCRIPTION_LIMIT} characters: the source run holds every setting and metric)"
+    return text[: DESCRIPTION_LIMIT - len(cut)] + cut
+
+
+def _metric_lines(metrics: dict[str, float], headline: str) -> list[str]:
+    """The headline metric in bold (beside the baseline's), then a table of the others."""
+    baseline = {k.removeprefix("baseline/"): v for k, v in metrics.items() if k.startswith("baseline/")}
+    own = {k: v for k, v in metrics.items() if not k.startswith("baseline/")}
+    beside = f" (baseline: {baseline[headline]:.4f})" if headline in baseline else ""
+    lines = [f"**`{headline}` = {own[headline]:.4f}**{beside}, the task's measure of a model, on the test split.", ""]
+    header = ["other test metrics", "value", *(["baseline"] if baseline else [])]
+    rows = [
+        [k.removeprefix("test/"), f"{v:.4f}", *([f"{baseline[k]:.4f}" if k in baseline else "-"] if baseline else [])]
+        for k, v in own.items()
+        if k != headline
+    ]
+    return [*lines, *_text_table(header, rows)] if rows else lines[:1]
+
+
+def _data_lines(task: Task, data: PreparedData) -> list[str]:
+    """Where the data came from (the shard folder and what its manifest says made it, or the generator's
+    settings), rows per split, and the test split's fingerprint."""
+    if task.cfg.data:
+        folder = display(*file_system(task.cfg.data))  # a URI without its query: no credentials in the card
+        source = read_manifest(task.cfg.data, task.name).get("source", {})
+        origin = f"Shards in `{folder}`, made by"
+    else:
+        source = task.source()
+        origin = "Generated by the task's generator, with"
+    rows = " · ".join(f"{split} {count}" for split, count in data.rows.items())
+    lines = [
+        f"- Rows: {rows}",
+        f"- Test data fingerprint: `{data.test_fingerprint}` (models scored on equal fingerprints are comparable)",
+    ]
+    if not source:
+        return [*lines, f"- {origin}: (nothing recorded)"]
+    return [*lines, f"- {origin}: " + " · ".join(f"{k} {_code(v)}" for k, v in source.items())]
+
+
+def _settings_lines(task: Task, tc: TrainConfig) -> list[str]:
+    """Task and training settings that differ from the defaults (the task's config, `Task.train_config()`),
+    named as the run's params; settings the data decide (no flag) are the data's, told above."""
+    task_defaults, train_defaults = asdict(type(task).Config()), asdict(type(task).train_config())
+    compared = [
+        (f"task.{f.name}", getattr(task.cfg, f.name), task_defaults[f.name])
+        for f in dataclasses.fields(task.cfg)
+        if f.metadata.get("flag") is not False
+    ]
+    compared += [(f"train.{k}", v, train_defaults[k]) for k, v in asdict(tc).items()]
+    changed = [f"- `{name}`: {_code(v)} (default {_code(d)})" for name, v, d in compared if _plain(v) != _plain(d)]
+    return changed or ["None: every setting is the default."]
+
+
+def _sweep_lines(sweep: SweepFacts) -> list[str]:
+    """The sweep that chose this model, and whether it took the alias from the champion before it."""
+    ranked = f"test/{sweep.metric.removeprefix('val/')}"
+    if sweep.champion_before is None:
+        before = "none: this sweep's model is the first to hold the alias" if sweep.became_champion else "none"
+    elif sweep.score_before is None:
+        before = f"version {sweep.champion_before}"
+    else:
+        before = f"version {sweep.champion_before}, `{ranked}` = {sweep.score_before:.4f} on this test data"
+    outcome = {True: "yes", False: "no", None: "not decided yet (the sweep promotes after registering)"}
+    trials = f"{sweep.trials} trial{'s' if sweep.trials != 1 else ''}"
+    return [
+        "### Sweep",
+        "",
+        f"The best of {trials} of sweep `{sweep.name}`, ranked on `{sweep.metric}`; the alias "
+        f"`{CHAMPION}` goes to the better model on `{ranked}` of the same test data.",
+        "",
+        f"- Champion before: {before}",
+        f"- Became champion: {outcome[sweep.became_champion]}",
+        "",
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON holds it (a tuple and a list of the same values compare equal)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _shell_lines(command: str, width: int = 88) -> str:
+    """A shell command broken into lines of about `width` characters (with `\\`), each flag beside its values."""
+    words: list[str] = []
+    for token in shlex.split(command):
+        if words and not token.startswith("-") and words[-1].startswith("-"):
+            words[-1] += " " + shlex.quote(token)
+        else:
+            words.append(shlex.quote(token))
+    lines = [words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > width:
+            lines.append("    " + word)
+        else:
+            lines[-1] += " " + word
+    return " \\\n".join(lines)
+
+
+def _code(value: Any) -> str:
+    """A value as inline code, at most `VALUE_LIMIT` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if len(text) > VALUE_LIMIT:
+        text = text[: VALUE_LIMIT - 1] + "…"
+    return f"`{text}`" if text else '""'
+
+
+def _codes(names: list[str]) -> str:
+    return ", ".join(_code(n) for n in names)
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A table as aligned columns in a code block: read alike on MLflow's pages (whose Markdown tables have no
+    spacing between their columns), in a terminal and through the API."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["```", *("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]), "```"]

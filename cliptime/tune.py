@@ -427,8 +427,10 @@ def sweep(
         ranked = spec.metric.removeprefix("val/")
         key = registry.score_tag(data.test_fingerprint, ranked)
         tags = {"sweep": name, "test_data": data.test_fingerprint, key: repr(metrics[ranked])}
+        facts = registry.SweepFacts(name, spec.metric, len(results))
+        card = registry.Card(data, tc, {f"test/{k}": v for k, v in metrics.items()}, name, sweep=facts)
         version = registry.log_and_register(
-            task, model, True, tags={**tags, **{k: f"{v:.4f}" for k, v in test_metrics.items()}}
+            task, model, True, tags={**tags, **{k: f"{v:.4f}" for k, v in test_metrics.items()}}, card=card
         )
 
         def score(other: str) -> float:
@@ -443,8 +445,11 @@ def sweep(
                     "registered, the alias not moved"
                 ) from None
 
+        holder = registry.champion(client, task.name)
         moved, before = registry.promote_champion(client, task.name, version, key, spec.mode, score)
         client.set_model_version_tag(task.name, version, "champion_before", "none" if before is None else repr(before))
+        standing = dataclasses.replace(facts, champion_before=holder, score_before=before, became_champion=moved)
+        registry.write_card(client, task, version, dataclasses.replace(card, sweep=standing))
     storage.mark_finished(name, SWEEP_RECORD, model_version=version)
     return {
         "sweep": name,

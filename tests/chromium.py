@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -21,7 +23,7 @@ BROWSER = "chromium-headless-shell"
 
 
 class Page:
-    """One tab of a headless Chromium of its own (killed by `close`)."""
+    """One tab of a headless Chromium of its own (killed by `close`, with every process it started)."""
 
     def __init__(self, width: int = 900, height: int = 900):
         self.profile = tempfile.mkdtemp(prefix="chromium-")
@@ -34,6 +36,9 @@ class Page:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # its own process group, all of which `close` ends: Debian's chromium-headless-shell is a shell script
+            # that starts the browser as its child, which killing the script alone would leave running
+            start_new_session=True,
         )
         deadline = time.time() + 60
         while True:
@@ -81,6 +86,6 @@ class Page:
 
     def close(self) -> None:
         self.ws.close()
-        self.proc.kill()
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         shutil.rmtree(self.profile, ignore_errors=True)
