@@ -20,6 +20,7 @@ BATCHES = {
         "second": torch.tensor([1, 0, -1, -1]),
         "key": torch.tensor([2, 14, 40, 53]),
         "pair": torch.tensor([0, 0, -1, -1]),
+        "ordered": torch.tensor([True, True, False, False]),
     },
 }
 

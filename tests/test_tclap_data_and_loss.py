@@ -186,9 +186,9 @@ def test_tclassify_and_retrieval_on_hand_made_embeddings():
     pos, neg = torch.eye(4), torch.eye(4)[[1, 0, 3, 2]] * 0.5
     pair, mixed = torch.tensor([0, 0, 1, 1]), torch.ones(4, dtype=torch.bool)
     assert tclassify(audio, pos, neg, pair, mixed) == {"tclassify_a2t": 1.0, "tclassify_t2a": 1.0}
-    r = retrieval(audio, pos, torch.arange(4))
+    r = retrieval(audio, pos, torch.arange(4), torch.arange(4))
     assert r["a2t_R1"] == 1.0 and r["t2a_R1"] == 1.0
-    r = retrieval(audio, pos[[1, 0, 2, 3]], torch.arange(4))
+    r = retrieval(audio, pos[[1, 0, 2, 3]], torch.arange(4), torch.arange(4))
     assert r["a2t_R1"] == 0.5 and r["a2t_R5"] == 1.0
 
 
