@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray.data
 
-from cliptime.data.shards import open_shards
+from cliptime.convert import shard_folder
+from cliptime.data.shards import file_system, open_shards, parquet_files
 from cliptime.errors import CliptimeError
 from cliptime.tasks.base import Task
 
@@ -38,16 +38,22 @@ def test_fingerprint(task: Task) -> str:
     settings = {f: getattr(task.cfg, f) for f in task.data_fields if f != "data"}
     digest = hashlib.sha256(json.dumps({"task": task.name, **settings}, sort_keys=True, default=str).encode())
     if task.cfg.data:
-        for shard in sorted(Path(task.cfg.data, "test").glob("*.parquet")):
-            digest.update(shard.read_bytes())
+        fs, root = file_system(task.cfg.data)
+        for shard in parquet_files(fs, f"{root}/test"):
+            with fs.open_input_stream(shard) as f:
+                digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
 def prepare(task: Task) -> PreparedData:
-    """Read the task's shards (every shard checked first) or generate its data, then decode every split once."""
+    """Read the task's shards (every shard checked first) or generate its data, then decode every split once.
+
+    The prepared task reads the shards it was prepared from: for `--data` naming WebDataset tar shards, their
+    converted shard folder, which the run's record, the model card and the test fingerprint then name."""
     if task.cfg.data:
-        raw, manifest = open_shards(task.cfg.data, task.name, task.schema)
-        task = task.resolved(manifest)
+        shards = shard_folder(task)  # WebDataset tar shards: their conversion, made once
+        raw, manifest = open_shards(shards, task.name, task.schema)
+        task = task.resolved(manifest).replace(data=shards)
     else:
         raw = task.generate()
     decode = task.preprocessor()

@@ -9,6 +9,10 @@ Layout::
       SERIES_B/
         hyphae/0001.jpg ...    # or stages from sub-folder names (spore/, hyphae/, mycelium/)
 
+WebDataset tar shards of photos (`convert_webdataset`) carry the same labels in each sample's json member
+(`series`, `stage`, `hours` or `timestamp`) and its caption as a `txt` member; their photos are prepared and their
+series split exactly as a folder's.
+
 Every photo in a series sub-folder is used; `manifest.csv` (paths relative to PHOTOS_DIR) labels the photos it
 names. A photo's time: `hours` from the manifest; else its time stamp (the manifest's `timestamp`, else the
 photo's EXIF DateTimeOriginal) minus that of the first photo of its series. Its stage: the manifest's, else
@@ -22,11 +26,12 @@ never by photo. The normalized time t is hours over the longest series' span (`s
 from __future__ import annotations
 
 import datetime
+import io
 import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -35,7 +40,9 @@ import ray.data
 from PIL import Image, ImageOps
 
 from cliptime.config import option
+from cliptime.data import webdataset
 from cliptime.data.fungal_growth import STAGES, caption_templates
+from cliptime.data.shards import display, file_system
 from cliptime.data.user_files import BadInput, by_split, read_checked, settle, visible_files
 from cliptime.errors import CliptimeError
 
@@ -100,6 +107,21 @@ def model_photo(photo: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(to_rgb8(ImageOps.exif_transpose(photo)), (size, size), Image.BICUBIC)
 
 
+def read_photo(source: str | Path | IO[bytes], size: int) -> tuple[bytes, str]:
+    """(PNG of the photo prepared by `model_photo` at `size`, its raw EXIF DateTimeOriginal or "") of a photo file
+    or its bytes; raises one of UNREADABLE_IMAGE for a photo that cannot be decoded."""
+    with Image.open(source) as photo:
+        taken = str(photo.getexif().get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL, "")).strip("\x00 ")
+        prepared = model_photo(photo, size)
+    buf = io.BytesIO()
+    prepared.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue(), taken
+
+
+def unreadable_image(e: Exception) -> str:
+    return f"unreadable or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
 class PhotoReader:
     """Read pass (see cliptime.data.user_files): a photo -> PNG at the model's size and its raw EXIF time."""
 
@@ -107,23 +129,77 @@ class PhotoReader:
         self.size = size
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import io
-
         out: dict[str, list] = {"error": [], "image": [], "exif_time": []}
         for path in batch["input"]:
             image, taken, error = b"", "", ""
             try:
-                with Image.open(path) as photo:
-                    taken = str(photo.getexif().get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL, "")).strip("\x00 ")
-                    prepared = model_photo(photo, self.size)
-                buf = io.BytesIO()
-                prepared.save(buf, format="PNG", compress_level=1)
-                image = buf.getvalue()
+                image, taken = read_photo(path, self.size)
             except UNREADABLE_IMAGE as e:
-                error = f"unreadable or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                error = unreadable_image(e)
             for k, v in zip(out, (error, image, taken)):
                 out[k].append(v)
         return batch.assign(**out)
+
+
+# a WebDataset sample's photo member: any suffix a photo folder takes (PHOTO_SUFFIXES), the first one present
+PHOTO_MEMBERS = tuple(sorted(suffix.lstrip(".") for suffix in PHOTO_SUFFIXES))
+
+
+def sample_labels(meta: dict[str, Any]) -> dict[str, Any]:
+    """A WebDataset photo's series, stage and time from its json member (`series`, `stage`, and `hours` or a
+    `timestamp`: ISO 8601 or EXIF text, or seconds since the epoch); raises ValueError saying what is wrong."""
+    series, stage = ("" if meta.get(k) is None else str(meta[k]).strip() for k in ("series", "stage"))
+    labels = {**_no_labels(), "series": series}
+    if not series:
+        raise ValueError("json has no series")
+    if not stage:
+        raise ValueError("json has no stage")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (expected {', '.join(STAGES)})")
+    labels["stage"] = stage
+    hours, when = meta.get("hours"), meta.get("timestamp")
+    if hours is None and when is None:
+        raise ValueError("json has neither hours nor timestamp")
+    if hours is not None:
+        try:
+            if isinstance(hours, bool):
+                raise TypeError(hours)
+            labels["hours"] = finite_non_negative(float(hours))
+        except (TypeError, ValueError):
+            raise ValueError(f"hours {hours!r} is not a finite non-negative number") from None
+    elif isinstance(when, (int, float)) and not isinstance(when, bool):
+        labels["timestamp"] = float(when)
+    else:
+        try:
+            labels["timestamp"] = parse_time(str(when))
+        except ValueError:
+            raise ValueError(f"cannot parse timestamp {when!r}") from None
+    return labels
+
+
+class SamplePhotoReader:
+    """Read pass over WebDataset samples (cliptime.data.webdataset): a photo member (jpg, png, webp, ...), a `txt`
+    caption (optional) and a `json` member with its labels (`sample_labels`) -> the photo as PNG at the model's
+    size (`read_photo`) and its labels, or the error that makes the sample bad. Times come from the json only."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, members: webdataset.Members) -> dict[str, Any]:
+        row = {"error": "", "image": b"", "exif_time": "", "series": "", **_no_labels()}
+        photo = next((members[k] for k in PHOTO_MEMBERS if k in members), None)
+        try:
+            if photo is None:
+                raise ValueError(f"no photo member ({', '.join(PHOTO_MEMBERS)})")
+            row.update(sample_labels(webdataset.member_json(members)))
+            row["caption"] = members.get("txt", b"").decode("utf-8", errors="replace").strip()
+        except ValueError as e:
+            return {**row, "error": str(e)}
+        try:
+            row["image"], _ = read_photo(io.BytesIO(photo), self.size)
+        except UNREADABLE_IMAGE as e:
+            row["error"] = unreadable_image(e)
+        return row
 
 
 def finite_non_negative(x: float) -> float:
@@ -194,10 +270,11 @@ def list_photos(root: Path) -> tuple[pd.DataFrame, list[BadInput]]:
     return pd.DataFrame(table), problems
 
 
-def series_splits(series: list[str], seed: int) -> dict[str, str]:
-    """70/15/15 by series, in a seeded random order, with at least one series in each split."""
+def series_splits(series: list[str], seed: int, what: str = "series") -> dict[str, str]:
+    """70/15/15 by series (or other groups of inputs that `what` names), in a seeded random order, with at least one
+    series in each split."""
     if len(series) < 3:
-        raise CliptimeError(f"{len(series)} series found: splits are by series, so at least 3 are needed")
+        raise CliptimeError(f"{len(series)} {what} found: splits are by {what}, so at least 3 are needed")
     order = [series[i] for i in np.random.default_rng(seed).permutation(len(series))]
     n_val = n_test = max(1, round(0.15 * len(series)))
     n_train = len(order) - n_val - n_test
@@ -207,6 +284,8 @@ def series_splits(series: list[str], seed: int) -> dict[str, str]:
 def label_photos(photos: pd.DataFrame, cfg: TimelapseConfig) -> tuple[pd.DataFrame, list[BadInput]]:
     """Hours from the manifest or time stamps, caption and frame per photo; photos lacking a stage or a time are
     returned as problems (split and normalized time are attached later, by AttachLabels)."""
+    if photos.empty:  # every photo was a bad input
+        return photos, []
     problems: list[BadInput] = []
     photos = photos.copy()
     exif = []
@@ -274,23 +353,57 @@ def convert(
     settle(problems, skip_bad)
     good, unreadable = read_checked(photos[["input"]], PhotoReader(size), scratch)
     times = good.select_columns(["input", "exif_time"]).to_pandas()
-    labels, unlabeled = label_photos(photos.merge(times, on="input"), cfg)
-    skipped = settle(problems + unreadable + unlabeled, skip_bad)
+    source = {"converter": "cliptime.data.timelapse", "photos_dir": str(root)}
+    photos = photos.merge(times, on="input")
+    return split_by_series(
+        good, photos, problems + unreadable, cfg, size, schema, skip_bad, f"photo folder {root}", source
+    )
+
+
+def split_by_series(
+    good: ray.data.Dataset,
+    photos: pd.DataFrame,
+    problems: list[BadInput],
+    cfg: TimelapseConfig,
+    size: int,
+    schema: pa.Schema,
+    skip_bad: bool,
+    where: str,
+    source: dict[str, Any],
+) -> tuple[dict[str, ray.data.Dataset], dict[str, Any], list[str]]:
+    """The second half of a conversion, whatever held the photos: `photos` (one row per good photo of `good`, with
+    its series and the labels found) labelled (`label_photos`), every problem settled, the series split, and the
+    labels attached to the prepared photos. `where` names the input in errors; `source` in the manifest, which
+    gets the rest of its `source` here."""
+    labels, unlabeled = label_photos(photos, cfg)
+    skipped = settle(problems + unlabeled, skip_bad)
     if labels.empty:
-        raise CliptimeError(f"photo folder {root}: no usable photos left after skipping {len(skipped)} bad inputs")
+        raise CliptimeError(f"{where}: no usable photos left after skipping {len(skipped)} bad inputs")
     max_hours = float(labels["hours"].max())
     if max_hours <= 0:
-        raise CliptimeError(f"photo folder {root}: every photo is at hour 0, so there is no time to learn")
+        raise CliptimeError(f"{where}: every photo is at hour 0, so there is no time to learn")
     splits = series_splits(sorted(labels["series"].unique()), cfg.seed)
     rows = good.map_batches(AttachLabels(labels, max_hours, splits), batch_format="pandas")
-    datasets = by_split(rows, schema)
     source = {
-        "converter": "cliptime.data.timelapse",
-        "photos_dir": str(root),
+        **source,
         "hours": [0.0, max_hours],
         "image_size": size,
         "series": {s: sorted(k for k, v in splits.items() if v == s) for s in ("train", "val", "test")},
         "templates": cfg.templates,
         "skipped": len(skipped),
     }
-    return datasets, source, skipped
+    return by_split(rows, schema), source, skipped
+
+
+def convert_webdataset(
+    location: str | Path, cfg: TimelapseConfig, size: int, schema: pa.Schema, scratch: Path, skip_bad: bool
+) -> tuple[dict[str, ray.data.Dataset], dict[str, Any], list[str]]:
+    """(lazy `schema` datasets per split, the manifest's `source`, the skipped samples) for WebDataset tar shards
+    of photos (`SamplePhotoReader`), split by series as a time-lapse folder is."""
+    caption_templates(cfg.templates)
+    shards = display(*file_system(location))  # a URI without its query: no credentials in messages or manifests
+    good, bad = webdataset.read_samples(location, SamplePhotoReader(size), scratch)
+    settle(bad, skip_bad)
+    photos = good.drop_columns(["image"]).to_pandas()
+    source = {"converter": "cliptime.data.timelapse:webdataset", "webdataset": shards}
+    return split_by_series(good, photos, bad, cfg, size, schema, skip_bad, f"WebDataset shards {shards}", source)

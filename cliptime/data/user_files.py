@@ -47,11 +47,15 @@ def visible_files(root: Path, suffixes: set[str]) -> list[Path]:
     )
 
 
+class BadInputsError(CliptimeError):
+    """Bad inputs that stop a conversion without --skip-bad."""
+
+
 def settle(problems: list[BadInput], skip_bad: bool) -> list[str]:
     """Stop on the first problem, or (with --skip-bad) return them all as lines for the report."""
     if problems and not skip_bad:
         more = f" (and {len(problems) - 1} more bad inputs)" if len(problems) > 1 else ""
-        raise CliptimeError(f"{problems[0]}{more}; fix it, or pass --skip-bad to skip bad inputs")
+        raise BadInputsError(f"{problems[0]}{more}; fix it, or pass --skip-bad to skip bad inputs")
     return [str(p) for p in problems]
 
 
@@ -65,7 +69,16 @@ def read_checked(
     """
     records = items.to_dict("records")
     ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // ROWS_PER_READ_TASK)))
-    ds.map_batches(reader, batch_format="pandas", batch_size=ROWS_PER_READ_TASK).write_parquet(str(scratch))
+    return checked(ds.map_batches(reader, batch_format="pandas", batch_size=ROWS_PER_READ_TASK), scratch)
+
+
+def checked(rows: ray.data.Dataset, scratch: Path) -> tuple[ray.data.Dataset, list[BadInput]]:
+    """Stream `rows` (each naming its `input`, with an `error` that is "" for a good one) to Parquet in `scratch`,
+    once; return the good rows (a lazy dataset over that Parquet) and the bad inputs (none at all: an empty
+    dataset)."""
+    rows.write_parquet(str(scratch))
+    if not any(Path(scratch).glob("*.parquet")):
+        return ray.data.from_items([]), []
     status = ray.data.read_parquet(str(scratch)).select_columns(["input", "error"]).to_pandas()
     bad = [BadInput(r.input, r.error) for r in status.itertuples() if r.error]
     good = ray.data.read_parquet(str(scratch)).filter(expr=col("error") == "")
