@@ -49,6 +49,8 @@ def run_job(job: Callable[[], object]) -> int:
         # job, as in an embedding program or a test session, is left running).
         if not ray_was_up:
             ray.shutdown()
+    if hasattr(result, "summary"):
+        print("\n".join(result.summary()), flush=True)
     payload = result if isinstance(result, dict) else dataclasses.asdict(result)
     print(json.dumps(payload, sort_keys=True, default=str), flush=True)
     return 0
@@ -61,7 +63,16 @@ def train_parser(task_name: str, description: str = "") -> argparse.ArgumentPars
     add_dataclass_args(parser, task_cls.Config, f"{task_cls.title} task")
     add_dataclass_args(parser, TrainConfig, "training, scale and tracking")
     parser.set_defaults(**dataclasses.asdict(task_cls.train_config()))
+    add_verbose_arg(parser)
     return parser
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the logs of Ray, Ray Data and MLflow and what Ray's workers print (default: in the run's log file)",
+    )
 
 
 def train_main(task_name: str, description: str, argv: list[str] | None = None) -> int:
@@ -71,7 +82,8 @@ def train_main(task_name: str, description: str, argv: list[str] | None = None) 
     def job():
         from cliptime.job import run
 
-        return run(task_cls(from_namespace(task_cls.Config, args)), from_namespace(TrainConfig, args))
+        task = task_cls(from_namespace(task_cls.Config, args))
+        return run(task, from_namespace(TrainConfig, args), verbose=args.verbose)
 
     return run_job(job)
 
@@ -89,8 +101,7 @@ def make_shards_main(argv: list[str] | None = None) -> int:
         sub.set_defaults(task=task_cls, converter=None)
         sub.add_argument("out_dir", help="output directory (written atomically)")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-        data_settings = [f for f in task_cls.data_fields if f != "data"]
-        add_dataclass_args(sub, task_cls.Config, f"{task_cls.title} data", only=data_settings)
+        add_dataclass_args(sub, task_cls.Config, f"{task_cls.title} data", only=task_cls.generated_fields)
         for kind, converter in task_cls.converters.items():
             sub = commands.add_parser(kind, help=f"{converter.help} -> {task_cls.title} shards")
             sub.set_defaults(task=task_cls, converter=kind)

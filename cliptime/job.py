@@ -16,7 +16,7 @@ import mlflow
 import ray.train
 from mlflow.tracking import MlflowClient
 
-from cliptime import evaluate, registry, tracking, train
+from cliptime import console, evaluate, registry, tracking, train
 from cliptime.config import TrainConfig, flat_params, from_dict
 from cliptime.errors import CliptimeError, Interrupted
 from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
@@ -25,6 +25,7 @@ from cliptime.tasks import make_task, task_ref
 from cliptime.tasks.base import Task
 
 RUN_RECORD = "cliptime_run.json"  # beside Ray's own files in STORAGE/NAME: what --resume needs
+SUMMARY_METRICS = 8  # test metrics in the table at the end of a job
 
 
 @dataclass
@@ -39,12 +40,37 @@ class JobResult:
     headline: dict[str, float]  # the task's own measure of a model (its monitor) on the test split
     metrics: dict[str, float]
     checkpoint: str
+    # the job's wall time and the part of it spent in training steps (every run of the job, its baseline's too;
+    # a resumed run counts the steps of its earlier epochs as well)
+    seconds: dict[str, float]
+    tracking_uri: str
+
+    def summary(self) -> list[str]:
+        """What a person reads at the end: the first SUMMARY_METRICS test metrics (the baseline's beside them) and
+        where the model went. Every metric is in the JSON line and in MLflow."""
+        tests = [k for k in self.metrics if k.startswith("test/")]
+        baseline = {k: self.metrics[f"baseline/{k}"] for k in tests if f"baseline/{k}" in self.metrics}
+        rows = [["test metric", self.task, *(["baseline"] if baseline else [])]]
+        for k in tests[:SUMMARY_METRICS]:
+            base = [f"{baseline[k]:.4f}" if k in baseline else "-"] if baseline else []
+            rows.append([k.removeprefix("test/"), f"{self.metrics[k]:.4f}", *base])
+        hidden = len(tests) - SUMMARY_METRICS
+        more = [f"({hidden} more in the JSON line below and in MLflow)"] if hidden > 0 else []
+        where = [f"run: {self.run_name} (MLflow run {self.run_id})"]
+        if self.model_version:
+            uri = f"models:/{self.model_name}/{self.model_version}"
+            where.append(f"model: {self.model_name} version {self.model_version} ({uri})")
+        where.append(f"browse: {tracking.ui_command(self.tracking_uri)}")
+        share = self.seconds["training"] / self.seconds["total"] if self.seconds["total"] else 0.0
+        where.append(f"time: {self.seconds['total']:.0f} s, {share:.0%} of it in training steps")
+        return ["", *console.table(rows), *more, "", *where]
 
 
 @dataclass
 class RunOutcome:
     run_id: str
     result: ray.train.Result  # the last checkpoint and the last epoch's metrics
+    history: list[dict[str, float]]  # every epoch's metrics
     test_metrics: dict[str, float]
     outputs: dict[str, Any]  # what the task's figures are drawn from
 
@@ -66,31 +92,45 @@ def open_run(storage: Storage, client: MlflowClient, task: Task, tc: TrainConfig
 
 
 def fit_and_test(
-    task: Task, tc: TrainConfig, data: PreparedData, name: str, storage: Storage, uri: str, run_id: str
+    task: Task,
+    tc: TrainConfig,
+    data: PreparedData,
+    name: str,
+    storage: Storage,
+    uri: str,
+    run_id: str,
+    messages: console.Messages | None = None,
 ) -> RunOutcome:
     """Train `task` on the prepared data as Ray Train run `name` (resumed if its storage holds checkpoints), log
-    every epoch to MLflow run `run_id`, and evaluate its last checkpoint on the test split."""
+    every epoch to MLflow run `run_id`, and evaluate its last checkpoint on the test split. `messages`: where
+    the epochs' progress and the workers' warnings go (see cliptime.train.fit)."""
     client = MlflowClient(uri)
+    steps = steps_per_epoch(data, tc.batch_size)
+    print(f"training {name}: {tc.epochs} epochs of {steps} steps", flush=True)
     result = train.fit(
         task,
         tc,
         training_datasets(data, task, tc.seed),
-        steps_per_epoch(data, tc.batch_size),
+        steps,
         name,
         storage.uri,
-        [tracking.EpochLogger(uri, run_id)],
+        [tracking.EpochLogger(uri, run_id, messages)],
+        messages,
     )
-    tracking.log_missing_epochs(client, run_id, train.read_history(result.checkpoint))
+    history = train.read_history(result.checkpoint)
+    tracking.log_missing_epochs(client, run_id, history)
     metrics, outputs = evaluate.test(task, tc, result.checkpoint, data.splits["test"])
     tracking.log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()})
-    return RunOutcome(run_id, result, metrics, outputs)
+    return RunOutcome(run_id, result, history, metrics, outputs)
 
 
-def run(task: Task, tc: TrainConfig) -> JobResult:
+def run(task: Task, tc: TrainConfig, verbose: bool = False) -> JobResult:
     """Check the inputs, train (and the task's baseline, if any), test, log everything and register the model.
 
     The run's folder is held by this process throughout (a second driver on it is refused), and the run is
-    marked finished in its record once its model is registered: `--resume` continues only unfinished runs."""
+    marked finished in its record once its model is registered: `--resume` continues only unfinished runs.
+    The libraries' logs go to the run's log file unless `verbose`."""
+    started = time.time()
     storage = Storage(tc.storage_path)
     if tc.resume:
         name, saved = storage.find(tc.resume, RUN_RECORD, what=f"{task.name} run", prefix=f"{task.name}-")
@@ -109,15 +149,22 @@ def run(task: Task, tc: TrainConfig) -> JobResult:
     task.check()
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
-    with storage.hold(name):
+    log = None if verbose else storage.log_file(name)
+    if log is not None:
+        print(f"logs: {log}", flush=True)
+    with storage.hold(name), console.logs_to(log):
         try:
-            return _train_test_register(task, tc, name, storage, uri)
+            return _train_test_register(task, tc, name, storage, uri, started, verbose)
         except KeyboardInterrupt:
             raise Interrupted(f"{name}: interrupted, checkpoints kept; continue it with --resume {name}") from None
 
 
-def _train_test_register(task: Task, tc: TrainConfig, name: str, storage: Storage, uri: str) -> JobResult:
-    init_ray(tc.num_workers * tc.cpus_per_worker)
+def _train_test_register(
+    task: Task, tc: TrainConfig, name: str, storage: Storage, uri: str, started: float, verbose: bool
+) -> JobResult:
+    init_ray(tc.num_workers * tc.cpus_per_worker, log_to_driver=verbose)
+    console.quiet_again()
+    messages = console.new_messages()
     data = prepare(task)
     task = data.task
 
@@ -125,21 +172,27 @@ def _train_test_register(task: Task, tc: TrainConfig, name: str, storage: Storag
     client = MlflowClient(uri)
     run_id = open_run(storage, client, task, tc, name)
     with tracking.run_status(client, run_id, active=True):
-        main = fit_and_test(task, tc, data, name, storage, uri, run_id)
+        main = fit_and_test(task, tc, data, name, storage, uri, run_id, messages)
         metrics = {f"test/{k}": v for k, v in main.test_metrics.items()}
         baseline_outputs = None
+        histories = [main.history]
         if (baseline := task.baseline()) is not None:
             base_name = f"{name}-baseline"
             base_id = open_run(storage, client, baseline, tc, base_name, parent=run_id)
             with tracking.run_status(client, base_id):
-                base = fit_and_test(baseline, tc, data, base_name, storage, uri, base_id)
+                base = fit_and_test(baseline, tc, data, base_name, storage, uri, base_id, messages)
             baseline_outputs = base.outputs
+            histories.append(base.history)
             metrics.update({f"baseline/test/{k}": v for k, v in base.test_metrics.items()})
         tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k.startswith("baseline/")})
         tracking.log_figures(run_id, task.figures(main.outputs, baseline_outputs), client)
         model = train.load_checkpoint_model(task, main.result.checkpoint)
         version = registry.log_and_register(
-            task, model, tc.register, tags={"run_name": name, **{k: f"{v:.4f}" for k, v in metrics.items()}}
+            task,
+            model,
+            tc.register,
+            tags={"run_name": name, **{k: f"{v:.4f}" for k, v in metrics.items()}},
+            card=registry.Card(data, tc, metrics, name),
         )
     storage.mark_finished(name, RUN_RECORD, task_name=task.name, model_version=version)
     validation = {k: v for k, v in (main.result.metrics or {}).items() if k.startswith("val/")}
@@ -153,4 +206,9 @@ def _train_test_register(task: Task, tc: TrainConfig, name: str, storage: Storag
         headline={headline: metrics[headline]},
         metrics={**validation, **metrics},
         checkpoint=main.result.checkpoint.path,
+        seconds={
+            "total": round(time.time() - started, 1),
+            "training": round(sum(epoch.get("step_seconds", 0.0) for h in histories for epoch in h), 1),
+        },
+        tracking_uri=uri,
     )

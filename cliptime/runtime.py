@@ -7,7 +7,9 @@ import os
 import secrets
 import signal
 import socket
+import tempfile
 import threading
+import urllib.parse
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,17 +27,18 @@ LOCK = "cliptime.lock"  # the run folder's lock: which process holds the run
 
 
 # -- Ray ------------------------------------------------------------------------------------------------------
-def init_ray(reserved_cpus: int = 0) -> None:
+def init_ray(reserved_cpus: int = 0, log_to_driver: bool = True) -> None:
     """Connect to the cluster `ray job submit` runs us on (RAY_ADDRESS), or start a local Ray; nothing if Ray is
     already up in this process.
 
     Locally Ray gets at least one logical CPU more than training workers reserve, so Ray Data always has one
-    to run on (with none left it stalls, and training waits on it forever).
+    to run on (with none left it stalls, and training waits on it forever). Without `log_to_driver`, what Ray's
+    workers print stays in Ray's log files (the session's `logs/` folder) instead of this process's output.
     """
     if ray.is_initialized():
         return
     with handlers_kept(signal.SIGTERM):  # cliptime.cli.run_job's: SIGTERM stops a job as Ctrl-C does
-        _init_ray(reserved_cpus)
+        _init_ray(reserved_cpus, log_to_driver)
 
 
 @contextmanager
@@ -55,30 +58,30 @@ def handlers_kept(*signums: int):
                     signal.signal(signum, handler)
 
 
-def _init_ray(reserved_cpus: int) -> None:
+def _init_ray(reserved_cpus: int, log_to_driver: bool) -> None:
     if os.environ.get("RAY_ADDRESS"):
         # The cluster's processes do not inherit this driver's environment: the MLflow credentials that
         # tracking_uri() took out of the URI reach them as the job's environment variables (the cluster's
         # dashboard shows them with the job's runtime_env). Imported here: make_shards needs no MLflow.
         from cliptime.tracking import MOVED_CREDENTIALS
 
-        ray.init(runtime_env={"env_vars": dict(MOVED_CREDENTIALS)} if MOVED_CREDENTIALS else None)
+        env = {"env_vars": dict(MOVED_CREDENTIALS)} if MOVED_CREDENTIALS else None
+        ray.init(runtime_env=env, log_to_driver=log_to_driver)
         configure_ray_data()
     else:
-        start_local_ray(max(os.cpu_count() or 1, reserved_cpus + 1))
+        start_local_ray(max(os.cpu_count() or 1, reserved_cpus + 1), log_to_driver=log_to_driver)
 
 
 def configure_ray_data() -> None:
     """Ray Data settings of this driver (its DataContext travels with every dataset it builds).
 
-    Ray 2.60's second-generation file datasource spends seconds of wall time listing even two local files (its
-    list task used 0.04 s of CPU), on every read: a shard read, each pass of a converter. The first-generation
-    datasource reads the same small data set in a tenth of a second (medians 1.8 vs 0.11 s in
-    benchmarks/results/ray-data-read-2026-11-25.md)."""
+    Ray 2.60's second-generation file datasource spends seconds of wall time listing even two local files, on
+    every read: a shard read, each pass of a converter. The first-generation datasource reads the same small
+    data set more than ten times faster (benchmarks/results/ray-data-read-2026-11-25.md)."""
     ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
-def start_local_ray(num_cpus: int, env_vars: dict[str, str] | None = None) -> None:
+def start_local_ray(num_cpus: int, env_vars: dict[str, str] | None = None, log_to_driver: bool = True) -> None:
     """A new Ray instance on this machine that listens on 127.0.0.1 only, even where a `ray start` cluster on
     this machine would be auto-joined (address="local").
 
@@ -107,6 +110,7 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str] | None = None) -> No
             dashboard_port=port,
             _node_ip_address="127.0.0.1",
             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server, **(env_vars or {})}},
+            log_to_driver=log_to_driver,
         )
     configure_ray_data()
 
@@ -140,6 +144,14 @@ def free_port() -> int:
 
 
 # -- storage and run records ----------------------------------------------------------------------------------
+def joined(location: str, name: str) -> str:
+    """`name` inside `location`: a local path, or a URI whose query stays last (s3://bucket/runs/NAME?endpoint_...)."""
+    if "://" not in location:
+        return f"{location.rstrip('/')}/{name}"
+    parts = urllib.parse.urlsplit(location)
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
+
+
 class Storage:
     """The `--storage-path` (a local folder or a URI such as s3://...): Ray's runs, and our records beside them."""
 
@@ -148,6 +160,13 @@ class Storage:
             storage_path = str(Path(storage_path).expanduser().resolve())
         self.fs, self.root = pyarrow.fs.FileSystem.from_uri(storage_path)
         self.uri = storage_path  # what Ray Train and Tune get
+
+    def log_file(self, name: str) -> Path:
+        """The local file that run (or sweep) `name` writes the libraries' logs to: in its folder where the storage
+        is local, else in the temporary folder (a log is written line by line, which object stores cannot do)."""
+        if isinstance(self.fs, pyarrow.fs.LocalFileSystem):
+            return Path(self.root) / name / "cliptime.log"
+        return Path(tempfile.gettempdir()) / "cliptime-logs" / f"{name}.log"
 
     def read(self, name: str, record: str) -> dict | None:
         """The JSON record `record` of run (or sweep) `name`, or None if it has none."""

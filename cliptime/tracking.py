@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
+from cliptime.console import Messages
 from cliptime.errors import CliptimeError, Interrupted
 
 DEFAULT_DB = "mlflow.db"
@@ -54,6 +55,13 @@ def redacted(uri: str) -> str:
     if "@" not in parts.netloc:
         return uri
     return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def ui_command(uri: str) -> str:
+    """How to browse the runs and the registry of tracking store `uri`."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {redacted(uri)}"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def check_reachable(uri: str) -> None:
@@ -111,8 +119,9 @@ class EpochLogger(UserCallback):
     not take (a server restarting) is logged at the end of the run by `log_missing_epochs`.
     """
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, messages: Messages | None = None):
         self.uri, self.run_id = uri, run_id
+        self.messages = messages or Messages()
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if checkpoint is None or not metrics:
@@ -123,10 +132,9 @@ class EpochLogger(UserCallback):
         try:  # MLflow's client retries for minutes first; training must not stop when the store stays away
             MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
         except (MlflowException, requests.RequestException) as e:
-            print(
+            self.messages.say(
                 f"warning: epoch {step} not logged to MLflow ({str(e).splitlines()[0][:200]}); training goes on, "
-                "and the epoch is logged from the checkpoint's history when the run ends",
-                flush=True,
+                "and the epoch is logged from the checkpoint's history when the run ends"
             )
 
 

@@ -25,8 +25,9 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from cliptime.config import TrainConfig, from_dict
+from cliptime.console import Messages, follow
 from cliptime.errors import CliptimeError
-from cliptime.runtime import handlers_kept
+from cliptime.runtime import handlers_kept, joined
 from cliptime.tasks import make_task, task_ref
 from cliptime.tasks.base import Task
 
@@ -34,6 +35,7 @@ EVAL_BATCH = 256
 STATE_FILE = "state.pt"  # in every checkpoint: model, optimizer, scheduler and the epoch
 HISTORY_FILE = "history.json"  # in every checkpoint: the metrics of all epochs so far
 SHUFFLE_BATCHES = 8  # local shuffle buffer of each worker, in batches
+EPOCH_LINE_METRICS = 6  # validation metrics on each epoch's line
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -50,16 +52,16 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint, device: str | torch.device
     return state, read_history(checkpoint)
 
 
-def load_newest_intact(run_folder: str, device: str | torch.device) -> tuple[dict, list[dict]] | None:
+def load_newest_intact(run_folder: str, device: str | torch.device, say=print) -> tuple[dict, list[dict]] | None:
     """(state, history) of the newest checkpoint of the Ray Train run in `run_folder` (a path or URI) that can be
     read; None when it has no checkpoint.
 
     Every checkpoint folder of the run counts, not only those that Ray Train's controller registered (its
     `get_checkpoint`): a worker writes its checkpoint out first, and the controller registers it only at its
-    next poll (every 2 s), so a job stopped in between was resumed from an older checkpoint, or from scratch
-    (tests/test_recovery.py). A checkpoint that cannot be read (a crash while it was written out, a damaged
-    disk) is passed over for the one before. Checkpoint folders are named by the time Ray made them, so their
-    names sort oldest first."""
+    next poll (every 2 s), so a job stopped in between would resume from an older checkpoint, or from
+    scratch (tests/test_recovery.py). A checkpoint that cannot be read (a crash while it was written out, a damaged
+    disk) is passed over for the one before, and `say` tells the person so. Checkpoint folders are named by the
+    time Ray made them, so their names sort oldest first."""
     fs, root = pyarrow.fs.FileSystem.from_uri(run_folder)
     found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     newest_first = sorted(
@@ -70,10 +72,10 @@ def load_newest_intact(run_folder: str, device: str | torch.device) -> tuple[dic
         try:
             loaded = load_checkpoint(ray.train.Checkpoint(path, fs), device)
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:  # JSON errors: ValueError
-            print(f"warning: checkpoint {path} is damaged ({type(e).__name__}); trying the one before", flush=True)
+            say(f"warning: checkpoint {path} is damaged ({type(e).__name__}); trying the one before")
             continue
         if path != newest_first[0]:
-            print(f"resuming from {path} (epoch {loaded[0]['epoch']})", flush=True)
+            say(f"resuming from {path} (epoch {loaded[0]['epoch']})")
         return loaded
     if newest_first:
         raise CliptimeError(f"no checkpoint of {run_folder} can be read; start the run anew under another --name")
@@ -128,6 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    messages: Messages = config["messages"] if rank == 0 else Messages()  # one voice per run: rank 0's
     if device.type == "cpu":
         use_cpus(tc.cpus_per_worker)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
@@ -139,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     params, optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc, config["steps_per_epoch"])
     start_epoch, history = 0, []
-    if resumed := load_newest_intact(config["run_folder"], device):
+    if resumed := load_newest_intact(config["run_folder"], device, messages.say):
         state, history = resumed
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -189,6 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 steps += 1
+                messages.step(epoch, steps, loss, steps * tc.batch_size / (time.time() - started))
             fetch_started = time.time()
         train_seconds = time.time() - started
         metrics = {
@@ -196,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             # the share of the epoch the step waited for its batch: what the data pipeline costs the model
             "data_wait_fraction": waited / train_seconds,
+            "step_seconds": train_seconds - waited,  # time in training steps: what the job's overhead is set against
             "samples_per_second": steps * tc.batch_size / train_seconds,  # global: every worker runs as many steps
             **{f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()},
         }
@@ -215,18 +220,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "epoch": epoch,
                 }
                 saved = save_checkpoint(Path(tmp), state, history)
-                print(epoch_line(epoch, tc.epochs, steps, time.time() - started, waited, metrics), flush=True)
+                messages.epoch(epoch_line(epoch, tc.epochs, steps, time.time() - started, waited, metrics))
             ray.train.report(metrics, checkpoint=saved)
 
 
 def epoch_line(epoch: int, epochs: int, steps: int, seconds: float, waited: float, metrics: dict) -> str:
-    """The epoch's printed line: the validation metrics first, in the order the task's `evaluate` gives them (its
-    headline first), then the training losses and the throughput."""
-    keys = sorted((k for k in metrics if k not in ("epoch", "lr")), key=lambda k: not k.startswith("val/"))
-    shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
+    """The epoch's line: the first EPOCH_LINE_METRICS validation metrics in the order the task's `evaluate` gives
+    them (its headline first), the training loss and the throughput. Every metric is in MLflow."""
+    shown = [k for k in metrics if k.startswith("val/")][:EPOCH_LINE_METRICS]
+    values = " ".join(f"{k} {metrics[k]:.4g}" for k in shown)
     return (
-        f"epoch {epoch + 1}/{epochs} ({steps} steps, {seconds:.0f} s): {shown}"
-        f" | {seconds - waited:.0f} s compute+eval, {waited:.0f} s waiting for data"
+        f"epoch {epoch + 1}/{epochs} ({steps} steps, {seconds:.0f} s): {values} | train/loss "
+        f"{metrics['train/loss']:.4g} | {metrics['samples_per_second']:.0f} samples/s, {waited:.0f} s waiting for data"
     )
 
 
@@ -239,8 +244,12 @@ def fit(
     name: str,
     storage_path: str,
     callbacks: list,
+    messages: Messages | None = None,
 ) -> ray.train.Result:
-    """Train `task` as Ray Train run `name` under `storage_path` (resuming it if it holds checkpoints)."""
+    """Train `task` as Ray Train run `name` under `storage_path` (resuming it if it holds checkpoints). With
+    `messages` on a queue (`console.new_messages`), the epochs' progress is shown here, at the driver; without,
+    rank 0 prints its epoch lines where it runs."""
+    messages = messages or Messages()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -248,7 +257,8 @@ def fit(
             "task_config": asdict(task.cfg),
             "train_config": asdict(tc),
             "steps_per_epoch": steps_per_epoch,
-            "run_folder": f"{storage_path.rstrip('/')}/{name}",  # where Ray Train keeps the run's checkpoints
+            "run_folder": joined(storage_path, name),  # where Ray Train keeps the run's checkpoints
+            "messages": messages,
         },
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
@@ -267,7 +277,8 @@ def fit(
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     try:
-        with handlers_kept(signal.SIGINT):
+        shown = follow(messages, tc.epochs, steps_per_epoch) if messages.queue is not None else contextlib.nullcontext()
+        with handlers_kept(signal.SIGINT), shown:
             return trainer.fit()
     except SystemExit:
         # Ctrl-C (or SIGTERM, see cliptime.cli) in a driver: Ray Train's handler aborts the run's workers and

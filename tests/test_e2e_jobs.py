@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cliptime.cli import train_main
 from cliptime.runtime import free_port
 from tests.conftest import ROOT, last_json_line, ray_start, ray_stop, registered_versions
 
@@ -49,11 +49,11 @@ def kill_once_checkpointed(cmd: list[str], env: dict, cwd, storage, pattern: str
     proc.wait()
 
 
-def test_killed_job_resumes_from_its_checkpoint_with_one_history(
-    ray_session, mlflow_store, monkeypatch, tmp_path, capsys
-):
+def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, tmp_path):
     """The job script killed with its local Ray once a checkpoint exists (its lock and its RUNNING MLflow run left
-    behind, as after a crash), then `--resume` (in-process, on the tests' Ray) trains the rest in the same run."""
+    behind, as after a crash), then `--resume` trains the rest in the same run. The resumed job's whole output is
+    what a person reads: a line naming the log file, one line per epoch, a short summary, and the JSON line last,
+    in few lines; Ray's and MLflow's own logs are in the log file."""
     storage = tmp_path / "ray_results"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     cmd = [
@@ -71,15 +71,28 @@ def test_killed_job_resumes_from_its_checkpoint_with_one_history(
     done_before = len(list(storage.glob("*/checkpoint_*")))
     assert 1 <= done_before < 4
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-    capsys.readouterr()
-    assert train_main("cliptime", "", ["--resume", "--storage-path", str(storage)]) == 0, capsys.readouterr().err
-    result = last_json_line(capsys.readouterr().out)
+    resume = [sys.executable, str(ROOT / "jobs" / "train_cliptime.py"), "--resume", "--storage-path", str(storage)]
+    proc = subprocess.run(resume, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    assert len(out) + len(proc.stderr.splitlines()) <= 80, proc.stdout + proc.stderr
+    result = json.loads(out[-1])  # the last stdout line is the JSON object and nothing else
     client = MlflowClient(mlflow_store)
     steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "train/loss"))
     assert steps == [0, 1, 2, 3]  # every epoch once: none lost, none logged twice
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
     assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime")}
+    assert 0 < result["seconds"]["training"] < result["seconds"]["total"]
+
+    assert out[0].startswith(f"resuming {result['run_name']}")
+    assert out[1].startswith("logs: ")  # named once, before anything else happens
+    log = Path(out[1].removeprefix("logs: "))
+    assert log.parent == storage / result["run_name"]
+    assert "Started a local Ray instance" in log.read_text()
+    assert sum(line.startswith("epoch ") for line in out) == 4 - done_before  # the epochs this job trained
+    assert f"model: cliptime version {result['model_version']}" in proc.stdout
+    assert f"browse: mlflow ui --backend-store-uri {mlflow_store}" in proc.stdout
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
 def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):

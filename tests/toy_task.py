@@ -53,12 +53,14 @@ def decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class ToyTask(Task):
     name = "toy"
     title = "Toy"
+    summary = "Which of the first two of four numbers is larger. Input: `x`, four float32 as bytes. Output: `label`."
     Config = ToyConfig
     schema = pa.schema([("x", pa.binary()), ("label", pa.string())])
     label_column = "label"
     monitor = "val/accuracy"
     train_defaults = {"epochs": 3, "batch_size": 32, "lr": 1e-2, "cpus_per_worker": 1}
-    data_fields = ("data", "rows", "data_seed", "generate_log")
+    generated_fields = ("rows", "data_seed", "generate_log")
+    data_fields = ("data", *generated_fields)
     file_suffixes = ("npy",)
 
     def generate(self):

@@ -1,8 +1,8 @@
 """Per-epoch random augmentation, run by Ray Data on decoded batches.
 
 This module imports numpy only, on purpose: Ray Data runs it in short tasks each epoch, and a task whose
-function lives beside torch and the model libraries first spends seconds importing them (measured: ~6 s of
-every epoch's first batch). Decoding, which needs those libraries, runs once per data set instead.
+function lives beside torch and the model libraries first spends seconds importing them, and every epoch's
+first batch waits for that. Decoding, which needs those libraries, runs once per data set instead.
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ def order_features(frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
     The ramp runs from negative before the loudness-weighted centre of the clip to positive after it, scaled by
     the sound's spread in time, and each frame counts by its loudness. A clip of A then B thus gives about
     "B minus A" wherever the pair sits in the clip, and a single event gives its own early-to-late change
-    (rising vs. falling) wherever it sits. A ramp over the whole clip instead (-1 at its start, +1 at its end)
-    moves a single event's embedding with its position, which costs zero-shot classification and retrieval.
+    (rising vs. falling) wherever it sits: a ramp over the whole clip would move a single event's embedding with
+    its position in the clip, which says nothing about the event.
     """
     loudness = F.adaptive_avg_pool1d(audio.abs().float().unsqueeze(1), frames.shape[1]).squeeze(1)
     weight = loudness / loudness.sum(1, keepdim=True).clamp(min=1e-8)

@@ -57,7 +57,7 @@ def embed_dim(model_name: str) -> int:
 def tokenizer_for(model_name: str):
     """The model's own tokenizer (CLIP BPE with vocab 49408 for the project's configs).
 
-    Cached per process: building it reads the BPE vocabulary (~0.5 s), and Ray Data calls the preprocessor in
+    Cached per process: building it reads the BPE vocabulary, and Ray Data calls the preprocessor in
     many short tasks on the same worker processes."""
     return open_clip.get_tokenizer(model_name)
 

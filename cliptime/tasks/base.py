@@ -40,8 +40,12 @@ class Converter:
     Config: type  # the converter's dataclass config (its flags)
     metavar: str  # the input's name in --help, e.g. PHOTOS_DIR
     help: str
-    # (input dir, config, scratch dir beside the output, skip bad inputs) -> (datasets per split, source, skipped)
-    convert: Callable[[Path, Any, Path, bool], tuple[dict[str, ray.data.Dataset], dict, list[str]]]
+    # (input: a local path or a URI, config, scratch dir beside the output, skip bad inputs)
+    #   -> (datasets per split, source, skipped)
+    convert: Callable[[str | Path, Any, Path, bool], tuple[dict[str, ray.data.Dataset], dict, list[str]]]
+    # On the task's converter of WebDataset tar shards: its settings from the task's config, with which `--data`
+    # naming such shards directly is converted (once; cliptime.convert.shard_folder).
+    webdataset: Callable[[Any], Any] | None = None
 
 
 class Task(ABC):
@@ -49,12 +53,17 @@ class Task(ABC):
     # `make_shards.py` subcommand for the generated data, and its job script `jobs/train_<name>.py`.
     name: ClassVar[str]
     title: ClassVar[str]  # how people write it, e.g. "T-CLAP"
+    # What the model does, what it takes and what it answers, in a few sentences of Markdown: the registered
+    # model's description in MLflow opens with it (cliptime.registry.model_description).
+    summary: ClassVar[str] = "A model of this task; it takes and answers the pyfunc columns named below."
     aliases: ClassVar[tuple[str, ...]] = ()  # older spellings that users already type
     Config: ClassVar[type]  # the task's frozen dataclass config
     schema: ClassVar[pa.Schema]  # columns and types of the task's Parquet shards
     label_column: ClassVar[str]  # counted per split in shard manifests
     monitor: ClassVar[str]  # the validation metric that says how good a model is (higher is better)
     train_defaults: ClassVar[dict] = {}  # TrainConfig settings sized for this task's tiny CPU config
+    # settings of the task's data generator: `make_shards.py TASK OUT` offers these flags alone
+    generated_fields: ClassVar[tuple[str, ...]] = ()
     # settings that decide the prepared (decoded) data: a sweep prepares one data set per combination of them
     data_fields: ClassVar[tuple[str, ...]] = ("data",)
     converters: ClassVar[dict[str, Converter]] = {}  # make_shards subcommand -> reader of users' files

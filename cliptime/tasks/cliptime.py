@@ -152,9 +152,26 @@ def convert_timelapse(
     photos_dir: Path, cfg: timelapse.TimelapseConfig, scratch: Path, skip_bad: bool
 ) -> tuple[dict[str, ray.data.Dataset], dict, list[str]]:
     """A time-lapse photo folder -> CLIPTime shard rows, photos at the model's input size (or --image-size)."""
+    return timelapse.convert(photos_dir, cfg, photo_size(cfg), CLIPTimeTask.schema, scratch, skip_bad)
+
+
+def photo_size(cfg: timelapse.TimelapseConfig) -> int:
+    """The side in pixels of converted photos: --image-size, else the input size of the model (checked first)."""
     check_backbone(cfg.model, "")
-    size = cfg.image_size or image_size(cfg.model)[0]
-    return timelapse.convert(photos_dir, cfg, size, CLIPTimeTask.schema, scratch, skip_bad)
+    return cfg.image_size or image_size(cfg.model)[0]
+
+
+def convert_webdataset_photos(
+    tars: str | Path, cfg: timelapse.TimelapseConfig, scratch: Path, skip_bad: bool
+) -> tuple[dict[str, ray.data.Dataset], dict, list[str]]:
+    """WebDataset tar shards of photos -> CLIPTime shard rows, photos prepared and split as a time-lapse folder's."""
+    return timelapse.convert_webdataset(tars, cfg, photo_size(cfg), CLIPTimeTask.schema, scratch, skip_bad)
+
+
+def webdataset_settings(cfg: CLIPTimeConfig) -> timelapse.TimelapseConfig:
+    """How `--data TARS` converts WebDataset shards: photos at the model's input size, captions of the task's
+    template set, series split with its data seed."""
+    return timelapse.TimelapseConfig(model=cfg.model, templates=cfg.templates, seed=cfg.data_seed)
 
 
 def _hue_rotation(turns: torch.Tensor) -> torch.Tensor:
@@ -228,6 +245,13 @@ def _time_metrics(stage: np.ndarray, t: np.ndarray, t_pred: np.ndarray, span: fl
 class CLIPTimeTask(Task):
     name = "cliptime"
     title = "CLIPTime"
+    summary = (
+        "From a photo of a fungal colony, and optionally a caption describing it, CLIPTime tells the growth stage "
+        "(spore, hyphae or mycelium) and how many hours into its time-lapse series the photo was taken. Input: "
+        "`image`, the encoded photo (PNG, JPEG, TIFF...), and `caption` (empty: a stage-neutral one, so the photo "
+        "alone decides). Output: `stage`, `hours` and the probability of each stage (`prob_spore`, `prob_hyphae`, "
+        "`prob_mycelium`)."
+    )
     aliases = ("fungal",)
     Config = CLIPTimeConfig
     schema = pa.schema(
@@ -244,7 +268,8 @@ class CLIPTimeTask(Task):
     label_column = "stage"
     monitor = "val/accuracy_image_only"  # the caption names the stage: a photo alone is the honest test
     train_defaults = {"epochs": 20, "batch_size": 64, "lr": 2e-3}
-    data_fields = ("data", "sequences", "frames", "image_size", "hours", "templates", "data_seed", "model")
+    generated_fields = ("sequences", "frames", "image_size", "hours", "templates", "data_seed")
+    data_fields = ("data", *generated_fields, "model")
     data_sizes = {"sequences": 7, "frames": 10}
     tiny_model = {"image_size": 32, "head_depth": 1, "ffn_dim": 64}
     converters = {
@@ -253,7 +278,15 @@ class CLIPTimeTask(Task):
             "PHOTOS_DIR",
             "a folder of time-lapse photos, one sub-folder per series",
             convert_timelapse,
-        )
+        ),
+        "webdataset-images": Converter(
+            timelapse.TimelapseConfig,
+            "TARS",
+            "WebDataset tar shards (a .tar file, or a folder or s3:// prefix of them) of photos: jpg/png/webp, a txt "
+            "caption, a json with series, stage and hours (or timestamp)",
+            convert_webdataset_photos,
+            webdataset=webdataset_settings,
+        ),
     }
 
     # -- data ----------------------------------------------------------------------------------------------

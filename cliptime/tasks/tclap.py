@@ -4,20 +4,27 @@ Shard schema (`TCLAPTask.schema`), one row per clip:
 
     audio        binary   mono 16-bit little-endian PCM (no header); length = clip_seconds * sample_rate
     sample_rate  int32    samples per second of `audio`
-    caption      string   the positive caption ("A followed by B", or a single event's plain caption)
-    negative     string   the same caption with the two events in reversed order ("" for single events)
-    first        string   class of the first (or only) event
-    second       string   class of the second event ("" for single events)
+    caption      string   the positive caption ("A followed by B", a single event's plain caption, or free text)
+    negative     string   the same caption with the two events in reversed order ("" where it states no order)
+    first        string   class of the first (or only) event; "" for a free-text caption, which names no class
+    second       string   class of the second event ("" for single events and free-text captions)
     pair         int64    mixed clips: id shared by the A-B and the B-A clip of the same two instances; else -1
 
 The manifest's `source` records `sample_rate`, `clip_seconds` and the event `classes` with their labels; a task
 resolved against it carries those classes in its config (`classes`), so zero-shot accuracy is scored against the
 shards' own classes wherever the task is rebuilt.
 
+Captioned audio (`make_shards.py clotho`, cliptime.data.clotho) has one row per (recording, caption), no classes
+(`first` = ""), and negatives only for captions that state an order. The rows of one recording (the same audio) are
+the contrastive positives of each other, as clips of the same events in the same order are for class-labelled rows.
+Evaluation scores what the rows allow and leaves the rest out: T-Classify audio->text on the rows with a negative,
+and recall@k over recordings (a recording captioned five times is one item to find); T-Classify text->audio needs
+A-B/B-A clip pairs, and zero-shot accuracy and the held-out phrasing need classes, so free-text captions give none.
+
 Loss: the symmetric audio-text contrastive loss with CLAP's learnable logit scale, gathered across DDP workers
 (clips whose events match are all positives of each other), plus `temporal_weight` (lambda, 0.5 as in the paper)
-times the temporal-focused loss: for each mixed clip, a two-way softmax that prefers the correct-order caption
-over the reversed one. `--lambda 0` is plain CLAP's loss. The temporal loss joins after the first
+times the temporal-focused loss: for each caption with a negative, a two-way softmax that prefers it over the
+reversed one. `--lambda 0` is plain CLAP's loss. The temporal loss joins after the first
 `--temporal-start` of the epochs (a curriculum: which events, then their order); from scratch, with it on from the
 first step, the tiny model's zero-shot accuracy on single events swung from run to run and often fell far below
 the baseline's (measured figures in the README).
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptime.config import option
-from cliptime.data import esc50
+from cliptime.data import clotho, esc50
 from cliptime.data.generated import from_generator
 from cliptime.data.order_phrases import HELDOUT_PHRASES, reversal
 from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, from_pcm16, generate_block, order_templates
@@ -104,7 +112,7 @@ class TCLAPConfig:
 
 
 class TCLAPPreprocessor:
-    """Shard rows -> float waveforms of the model's length, token ids of caption and negative, event keys."""
+    """Shard rows -> float waveforms of the model's length, token ids of caption and negative, contrastive keys."""
 
     def __init__(self, encoder_args: dict, classes: list[str]):
         self.encoder_args, self.classes = encoder_args, classes
@@ -126,17 +134,24 @@ class TCLAPPreprocessor:
             x = from_pcm16(data)
             audio[i, : min(len(x), samples)] = x[:samples]
         index = {c: i for i, c in enumerate(self.classes)}
-        first = np.array([index[c] for c in batch["first"]], dtype=np.int64)
+        first = np.array([index[c] if c else -1 for c in batch["first"]], dtype=np.int64)  # -1: free text
         second = np.array([index.get(c, -1) for c in batch["second"]], dtype=np.int64)
+        # the recording a row holds: captions of one recording share its audio
+        clip = np.array(
+            [int.from_bytes(hashlib.blake2b(a, digest_size=8).digest(), "little") >> 1 for a in batch["audio"]],
+            dtype=np.int64,
+        )
         return {
             "audio": audio,
             "tokens": self.tokenize(batch["caption"]),
             "neg_tokens": self.tokenize(batch["negative"]),
             "first": first,
             "second": second,
-            # clips with the same event(s) in the same order are positives of each other
-            "key": first * (len(self.classes) + 1) + second + 1,
+            # positives of each other: clips with the same event(s) in the same order; captions of one recording
+            "key": np.where(first >= 0, first * (len(self.classes) + 1) + second + 1, clip),
             "pair": np.asarray(batch["pair"], dtype=np.int64),
+            "clip": clip,
+            "ordered": np.array([bool(n) for n in batch["negative"]], dtype=bool),  # it has a reversed-order negative
         }
 
 
@@ -166,6 +181,14 @@ def temporal_loss(
     return (loss * mixed).sum() / mixed.sum().clamp(min=1)
 
 
+def convert_clotho(
+    clotho_dir: Path, cfg: clotho.ClothoConfig, scratch: Path, skip_bad: bool
+) -> tuple[dict[str, ray.data.Dataset], dict, list[str]]:
+    """A Clotho-layout captioned collection -> T-CLAP shard rows at the audio model's sample rate and clip length."""
+    audio = check_clap(cfg.audio_model, "transformer")["audio_cfg"]
+    return clotho.convert(clotho_dir, audio["sample_rate"], audio["clip_samples"], TCLAPTask.schema, scratch, skip_bad)
+
+
 def convert_esc50(
     esc_dir: Path, cfg: esc50.ESC50Config, scratch: Path, skip_bad: bool
 ) -> tuple[dict[str, ray.data.Dataset], dict, list[str]]:
@@ -174,9 +197,34 @@ def convert_esc50(
     return esc50.convert(esc_dir, cfg, audio["sample_rate"], audio["clip_samples"], TCLAPTask.schema, scratch, skip_bad)
 
 
+def convert_webdataset_events(
+    tars: str | Path, cfg: esc50.EventSamplesConfig, scratch: Path, skip_bad: bool
+) -> tuple[dict[str, ray.data.Dataset], dict, list[str]]:
+    """WebDataset tar shards of single sound events -> T-CLAP shard rows of mixed-order clips, cut and mixed as an
+    ESC-50 collection's."""
+    audio = check_clap(cfg.audio_model, "transformer")["audio_cfg"]
+    rate, samples = audio["sample_rate"], audio["clip_samples"]
+    return esc50.convert_webdataset(tars, cfg, rate, samples, TCLAPTask.schema, scratch, skip_bad)
+
+
+def webdataset_settings(cfg: TCLAPConfig) -> esc50.EventSamplesConfig:
+    """How `--data TARS` converts WebDataset shards: clips for the task's audio model, with its gap range, order
+    templates and data seed (every label found is a class)."""
+    return esc50.EventSamplesConfig(
+        audio_model=cfg.audio_model, gap=cfg.gap, templates=cfg.templates, seed=cfg.data_seed
+    )
+
+
 class TCLAPTask(Task):
     name = "tclap"
     title = "T-CLAP"
+    summary = (
+        "T-CLAP scores how well a caption describes a sound clip, order of events included: CLAP fine-tuned so that "
+        '"A followed by B" and "B followed by A" score differently. Rank candidate captions of a clip, or ask which of '
+        "two events plays first. Input: `audio`, an encoded clip (WAV, FLAC, OGG; resampled to the model's rate, "
+        "cut or padded to its length), and `caption`, one row per clip and caption. Output: `caption` and `score`, "
+        "the similarity of the clip's and the caption's embeddings (higher: a better match)."
+    )
     aliases = ("sounds",)
     Config = TCLAPConfig
     schema = pa.schema(
@@ -193,6 +241,7 @@ class TCLAPTask(Task):
     label_column = "first"
     monitor = "val/tclassify_a2t"
     train_defaults = {"epochs": 16, "batch_size": 32, "lr": 1e-3}
+    generated_fields = GENERATED_DATA_FIELDS
     data_fields = ("data", *GENERATED_DATA_FIELDS, "audio_model", "text_model", "classes")
     data_sizes = {"train_pairs": 8, "train_singles": 4, "eval_pairs": 4, "eval_singles": 4, "test_singles": 4}
     converters = {
@@ -201,7 +250,21 @@ class TCLAPTask(Task):
             "ESC_DIR",
             "an ESC-50-layout sound collection (audio/*.wav, meta/esc50.csv)",
             convert_esc50,
-        )
+        ),
+        "webdataset-audio": Converter(
+            esc50.EventSamplesConfig,
+            "TARS",
+            "WebDataset tar shards (a .tar file, or a folder or s3:// prefix of them) of single sound events: flac/wav "
+            "and a json with the event's label (and optionally its source recording)",
+            convert_webdataset_events,
+            webdataset=webdataset_settings,
+        ),
+        "clotho": Converter(
+            clotho.ClothoConfig,
+            "CLOTHO_DIR",
+            "a Clotho-layout captioned collection (clotho_captions_*.csv, development/, validation/, evaluation/)",
+            convert_clotho,
+        ),
     }
 
     @property
@@ -308,7 +371,7 @@ class TCLAPTask(Task):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         audio, pos, neg, scale = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
         lc = contrastive_loss(audio, pos, batch["key"], scale)
-        lt = temporal_loss(audio, pos, neg, scale, (batch["second"] >= 0).float())
+        lt = temporal_loss(audio, pos, neg, scale, batch["ordered"].float())
         return lc + self.temporal_weight_at(epoch, epochs) * lt, {
             "contrastive_loss": lc,
             "temporal_loss": lt,
@@ -324,23 +387,26 @@ class TCLAPTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
         model.eval()
-        rows: dict[str, list] = {k: [] for k in ("a", "t", "n", "first", "second", "key", "pair")}
+        columns = ("first", "second", "key", "pair", "clip", "ordered")
+        rows: dict[str, list] = {k: [] for k in ("a", "t", "n", *columns)}
         for batch in batches:
             a, t, n, _ = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
-            for k, v in zip(rows, (a, t, n, batch["first"], batch["second"], batch["key"], batch["pair"])):
+            for k, v in zip(rows, (a, t, n, *(batch[c] for c in columns))):
                 rows[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
         r = {k: torch.cat(v) for k, v in rows.items()}
         device = next(model.parameters()).device
         labels = list(self.event_classes.values())
-        _, label_emb, _ = model(None, model.tokenize(labels).to(device))
-        mixed = r["second"] >= 0
-        metrics = tclassify(r["a"], r["t"], r["n"], r["pair"], mixed)
-        pos, neg = heldout_phrasing(model, labels, r["first"], r["second"], r["pair"], mixed, r["t"].shape[1])
-        heldout = tclassify(r["a"], pos, neg, r["pair"], mixed)
-        metrics.update({f"{name}_heldout_phrasing": value for name, value in heldout.items()})
-        metrics.update(retrieval(r["a"], r["t"], r["key"]))
-        single = r["second"] < 0
+        # each metric on the rows it is defined for; one no row allows is left out
+        metrics = tclassify(r["a"], r["t"], r["n"], r["pair"], r["ordered"])
+        mixed = r["second"] >= 0  # clips of two classed events, whose order a held-out phrasing can tell
+        if mixed.any():
+            pos, neg = heldout_phrasing(model, labels, r["first"], r["second"], r["pair"], mixed, r["t"].shape[1])
+            heldout = tclassify(r["a"], pos, neg, r["pair"], mixed)
+            metrics.update({f"{name}_heldout_phrasing": value for name, value in heldout.items()})
+        metrics.update(retrieval(r["a"], r["t"], r["key"], r["clip"]))
+        single = (r["first"] >= 0) & (r["second"] < 0)
         if single.any():
+            _, label_emb, _ = model(None, model.tokenize(labels).to(device))
             guess = (r["a"][single] @ label_emb.float().cpu().T).argmax(-1)
             metrics["zeroshot_accuracy"] = float((guess == r["first"][single]).float().mean())
         return metrics, {"metrics": metrics}
@@ -352,12 +418,16 @@ class TCLAPTask(Task):
         import matplotlib.pyplot as plt
 
         names = [
-            "tclassify_a2t",
-            "tclassify_t2a",
-            "tclassify_a2t_heldout_phrasing",
-            "zeroshot_accuracy",
-            "a2t_R1",
-            "t2a_R1",
+            name
+            for name in (
+                "tclassify_a2t",
+                "tclassify_t2a",
+                "tclassify_a2t_heldout_phrasing",
+                "zeroshot_accuracy",
+                "a2t_R1",
+                "t2a_R1",
+            )
+            if name in outputs["metrics"]  # what the data allow (see evaluate)
         ]
         runs = {f"T-CLAP (lambda={self.cfg.temporal_weight:g})": outputs["metrics"]}
         if baseline is not None:
@@ -365,7 +435,7 @@ class TCLAPTask(Task):
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(runs)
         for i, (label, m) in enumerate(runs.items()):
-            ax.bar(np.arange(len(names)) + i * width, [m.get(n, 0.0) for n in names], width, label=label)
+            ax.bar(np.arange(len(names)) + i * width, [m[n] for n in names], width, label=label)
         ax.axhline(0.5, color="gray", ls="--", lw=1)
         ax.set_xticks(np.arange(len(names)) + width * (len(runs) - 1) / 2, names, rotation=15)
         ax.set_ylim(0, 1)
@@ -452,11 +522,14 @@ def heldout_phrasing(model, labels, first, second, pair, mixed, dim: int) -> tup
     return pos, neg
 
 
-def tclassify(audio, pos, neg, pair, mixed) -> dict[str, float]:
-    """T-Classify: audio->text picks the correct-order caption over the reversed one; text->audio picks the
-    A-B clip over the B-A clip of the same two instances for the caption "A ... B"."""
-    a2t = ((audio * pos).sum(-1) > (audio * neg).sum(-1))[mixed]
-    idx = torch.nonzero(mixed).squeeze(1)
+def tclassify(audio, pos, neg, pair, ordered) -> dict[str, float]:
+    """T-Classify: audio->text picks the correct-order caption over the reversed one (rows `ordered`: with a
+    negative); text->audio picks the A-B clip over the B-A clip of the same two instances for the caption "A ... B"
+    (ordered rows of a `pair`). Each is left out where no row allows it."""
+    out = {}
+    if ordered.any():
+        out["tclassify_a2t"] = float(((audio * pos).sum(-1) > (audio * neg).sum(-1))[ordered].float().mean())
+    idx = torch.nonzero(ordered & (pair >= 0)).squeeze(1)
     partner = {}
     for i in idx.tolist():
         partner.setdefault(int(pair[i]), []).append(i)
@@ -466,16 +539,21 @@ def tclassify(audio, pos, neg, pair, mixed) -> dict[str, float]:
             i, j = members
             hits.append(float(pos[i] @ audio[i] > pos[i] @ audio[j]))
             hits.append(float(pos[j] @ audio[j] > pos[j] @ audio[i]))
-    return {"tclassify_a2t": float(a2t.float().mean()), "tclassify_t2a": float(np.mean(hits)) if hits else 0.0}
+    if hits:
+        out["tclassify_t2a"] = float(np.mean(hits))
+    return out
 
 
-def retrieval(audio, text, keys, ks=(1, 5, 10)) -> dict[str, float]:
-    """Recall@k both ways; a retrieved item is correct when it has the same events in the same order."""
-    sim = audio @ text.T
-    relevant = keys[:, None] == keys[None, :]
+def retrieval(audio, text, keys, clips, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways between the distinct recordings (`clips`: a recording's id on each of its rows; one
+    captioned five times is one item to find) and every row's caption; a retrieved item is correct when it has the
+    row's key: the same events in the same order, or for free-text captions the same recording."""
+    recordings = torch.from_numpy(np.unique(clips.numpy(), return_index=True)[1])
+    sim = audio[recordings] @ text.T
+    relevant = keys[recordings][:, None] == keys[None, :]
     out = {}
-    for name, s in (("a2t", sim), ("t2a", sim.T)):
-        best_relevant = torch.where(relevant, s, torch.tensor(-np.inf)).max(1).values
+    for name, s, r in (("a2t", sim, relevant), ("t2a", sim.T, relevant.T)):
+        best_relevant = torch.where(r, s, torch.tensor(-np.inf)).max(1).values
         rank = (s > best_relevant[:, None]).sum(1)  # items scored above the best correct one
         for k in ks:
             out[f"{name}_R{k}"] = float((rank < k).float().mean())
