@@ -69,3 +69,13 @@ def test_quality_table_rows_carry_the_metrics_and_the_command(tmp_path):
     accuracy = row["metrics"]["accuracy_image_only"]
     assert len(accuracy["values"]) == 1 and accuracy["std"] == 0.0 and result["seeds"] == [3]
     assert row["command"] == " ".join(["python jobs/train_cliptime.py --head mlp", *budget])
+
+
+def test_ingest_writes_items_per_second_per_core_of_each_data_set(tmp_path):
+    images = ["--sequences", "7", "--frames", "2", "--photos", "0"]  # photos (the time-lapse converter) cost seconds
+    tiny = [*images, "--pairs", "2", "--audio-model", "cliptime-tiny-cnn6"]
+    result = bench("ingest.py", "--cpus", "1", "--batch-size", "2", "--repeats", "1", *tiny, out=tmp_path)
+    for kind in ("images", "clips"):
+        timed = result["results"]["1"][kind]
+        assert timed["train_rows"] > 0 and len(timed["epoch_seconds"]) == len(timed["decode_seconds"]) == 1
+        assert result[f"{kind}_per_second_per_core"] == timed["decode_and_epoch_per_second_per_core"]["mean"] > 0
