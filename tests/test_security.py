@@ -172,7 +172,7 @@ def test_a_cluster_gets_only_the_moved_credentials(moved_credentials, monkeypatc
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     tracking.tracking_uri()
     runtime.init_ray()
-    assert calls == [{"runtime_env": {"env_vars": {"MLFLOW_TRACKING_PASSWORD": "s3cret"}}}]
+    assert [call["runtime_env"] for call in calls] == [{"env_vars": {"MLFLOW_TRACKING_PASSWORD": "s3cret"}}]
 
 
 @pytest.mark.slow
