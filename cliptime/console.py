@@ -185,8 +185,9 @@ def _ray_data_progress_bars(on: bool) -> bool:
 
 
 # -- the end of a job -----------------------------------------------------------------------------------------
-def table(rows: list[list[str]]) -> list[str]:
-    """Rows of cells as aligned text lines, the first row a header underlined with dashes."""
+def table(rows: list[list[str]], rule: bool = True) -> list[str]:
+    """Rows of cells as text lines whose columns line up, the first row a header (underlined with dashes when
+    `rule`)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
+    return [lines[0], *(["  ".join("-" * w for w in widths)] if rule else []), *lines[1:]]

@@ -37,6 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
+from cliptime import console
 from cliptime.config import TrainConfig
 from cliptime.data.shards import display, file_system, read_manifest
 from cliptime.errors import CliptimeError
@@ -432,5 +433,4 @@ def _codes(names: list[str]) -> str:
 def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A table as aligned columns in a code block: read alike on MLflow's pages (whose Markdown tables have no
     spacing between their columns), in a terminal and through the API."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return ["```", *("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]), "```"]
+    return ["```", *console.table([header, *rows], rule=False), "```"]
