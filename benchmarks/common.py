@@ -75,8 +75,9 @@ def write_results(out_dir: str | Path, stem: str, payload: dict, markdown: str) 
     return out / f"{stem}.json"
 
 
-def run_job(script: str, flags: list[str], workdir: Path) -> tuple[float, dict]:
-    """Run jobs/`script` with `flags` as a user would, MLflow and checkpoints in `workdir`; (seconds, metrics)."""
+def run_script(script: str, flags: list[str], workdir: Path) -> tuple[float, dict]:
+    """Run jobs/`script` with `flags` as a user would, MLflow and checkpoints in `workdir`; (seconds, the JSON
+    object of its last stdout line)."""
     cmd = [sys.executable, str(ROOT / "jobs" / script), "--storage-path", str(workdir / "ray_results"), *flags]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
     started = time.time()
@@ -84,7 +85,13 @@ def run_job(script: str, flags: list[str], workdir: Path) -> tuple[float, dict]:
     seconds = time.time() - started
     if proc.returncode != 0:
         sys.exit(f"{script} {' '.join(flags)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return seconds, json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]
+    return seconds, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_job(script: str, flags: list[str], workdir: Path) -> tuple[float, dict]:
+    """A training job's (seconds, metrics), run as `run_script` runs it."""
+    seconds, result = run_script(script, flags, workdir)
+    return seconds, result["metrics"]
 
 
 def over_seeds(runs: list[dict[str, float]]) -> dict[str, dict]:

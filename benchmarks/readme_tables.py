@@ -11,8 +11,8 @@ tasks, the task):
     python benchmarks/readme_tables.py           # rewrite every marked table from its file
     python benchmarks/readme_tables.py --check   # exit 1 if a table differs from its file (a test runs this)
 
-Tables are drawn from `jobs`, `quality`, `pipeline` and `serve` results (the benchmark that wrote a file is its
-name up to the first `-`). Results files of the older format (one run per row: plain `seconds` and `metrics`
+Tables are drawn from `jobs`, `quality`, `pipeline`, `serve` and `sweeps` results (the benchmark that wrote a file
+is its name up to the first `-`). Results files of the older format (one run per row: plain `seconds` and `metrics`
 numbers, no seeds) give one-seed tables, with a `seeds` column of 1.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pipeline
 import quality
+import sweeps
 from common import COLUMNS, ROOT, markdown_table, over_seeds
 
 import jobs
@@ -97,6 +98,8 @@ def table(results_file: str, task: str | None) -> str:
         return table_lines(pipeline.markdown(rows, payload["command"], payload["date"], payload["machine"]))
     if kind == "serve":
         return table_lines(serve.markdown(rows, payload["command"], payload["date"], payload["machine"], 0))
+    if kind == "sweeps":
+        return "\n\n".join(sweeps.comparison_table(r) for r in rows)
     sys.exit(f"error: {results_file}: no table is drawn from {kind} results")
 
 

@@ -53,6 +53,11 @@ class TrainConfig:
         "when a worker or its node dies, restart from the last checkpoint up to this many times (-1: always)",
         negative=True,
     )
+    init_from: str = option(
+        "",
+        "start from the model weights of a checkpoint folder (a run's checkpoint_*, local or s3://): fine-tuning, "
+        "with the optimizer and the epochs started anew",
+    )
     storage_path: str = option("~/ray_results", "where checkpoints and Ray results go (local dir, NFS or s3://)")
     name: str = option("", "run name under --storage-path (default: <task>-<timestamp>)")
     resume: str = option("", "resume the named run (or 'latest') from its last checkpoint", nargs="?", const="latest")

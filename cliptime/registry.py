@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import math
 import shlex
 import sys
 import tempfile
@@ -166,35 +167,76 @@ def score_tag(fingerprint: str, metric: str) -> str:
     return f"test.{fingerprint}.{metric}"
 
 
+@dataclass(frozen=True)
+class ChampionRule:
+    """Which of several scored models is best: the best `metric` (by `mode`) among those left after each `within`
+    condition in turn keeps the ones whose metric is no further than its margin from the best of those before it.
+    With no conditions, simply the best `metric`. Names carry no split prefix (`accuracy`, not `val/accuracy`): a
+    sweep applies the rule to its trials' validation metrics, the registry to versions' test scores on the same
+    test data. A missing or NaN value ranks last; ties go to the earlier candidate (the older version). The
+    conditions make the choice depend on the whole set: a newcomer that raises the best of a `within` metric can
+    rule out the one that led, in favour of a third."""
+
+    metric: str
+    mode: str = "max"
+    within: tuple[tuple[str, str, float], ...] = ()  # (metric, its mode, margin in the metric's own units)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric, *(name for name, _, _ in self.within)]
+
+    def choose(self, scores: list[dict[str, float]]) -> int:
+        """The index of the best of `scores` (one dict of metrics per candidate, at least one)."""
+
+        def value(i: int, name: str, mode: str) -> float:
+            v = float(scores[i].get(name, math.nan))
+            return -math.inf if math.isnan(v) else (v if mode == "max" else -v)
+
+        left = range(len(scores))
+        for name, mode, margin in self.within:
+            best = max(value(i, name, mode) for i in left)
+            left = [i for i in left if value(i, name, mode) >= best - margin - 1e-9]  # 0.07 - 0.01 is 0.06
+        return max(left, key=lambda i: (value(i, self.metric, self.mode), -i))
+
+    def describe(self, prefix: str = "") -> str:
+        """The rule in words, its metrics named with `prefix` (`val/`, `test/`)."""
+        text = f"the best `{prefix}{self.metric}` ({self.mode})"
+        conditions = [f"`{prefix}{name}` within {margin:g} of the best" for name, _, margin in self.within]
+        return text + (f" among those with {' and then '.join(conditions)}" if conditions else "")
+
+
 def promote_champion(
     client: MlflowClient,
     model: str,
     version: str,
-    key: str,
-    mode: str,
-    score: Callable[[str], float],
-) -> tuple[bool, float | None]:
-    """Move alias `champion` of `model` to `version` if it beats the current champion on the same test data:
-    tag `key` (see `score_tag`), which `version` carries already. A champion without that score is first scored
-    on the data by `score(its version)`, and the score recorded on it.
+    fingerprint: str,
+    rule: ChampionRule,
+    score: Callable[[str], dict[str, float]],
+) -> tuple[bool, dict[str, float] | None]:
+    """Give alias `champion` of `model` to the version `rule` prefers among all versions scored on the same test
+    data (the tags `score_tag(fingerprint, m)` of the rule's metrics, which `version` carries already): `version`
+    if it beats the champion. A champion without those scores is first scored on the data by `score(its
+    version)` (the test metrics), and the scores recorded on it.
 
     Concurrent promotions are safe without a compare-and-set in the registry: each one sets the alias to the
     best version scored on its data, then reads the alias again and repeats until the alias holds the best. A
     promotion that set the alias from a stale view finds the better version on its next look and puts it back.
     Ties go to the older version, so every promoter agrees on the best. Any registry error stops the
-    promotion (raised as one line). Returns (the alias holds `version`, the champion's score before)."""
+    promotion (raised as one line). Returns (the alias holds `version`, the champion's scores before)."""
+    keys = {m: score_tag(fingerprint, m) for m in rule.metrics}
     try:
         holder = champion(client, model)
         before = None
         if holder is not None:
             tags = client.get_model_version(model, holder).tags
-            if key in tags:
-                before = float(tags[key])
-            else:
-                before = score(holder)
-                client.set_model_version_tag(model, holder, key, repr(before))
+            if not all(key in tags for key in keys.values()):
+                scored = score(holder)
+                for m, key in keys.items():
+                    client.set_model_version_tag(model, holder, key, repr(scored[m]))
+                tags = {key: repr(scored[m]) for m, key in keys.items()}
+            before = {m: float(tags[key]) for m, key in keys.items()}
         for _ in range(PROMOTION_ROUNDS):
-            best = _best_scored(client, model, key, mode)
+            best = _best_scored(client, model, keys, rule)
             if champion(client, model) == best:
                 return best == version, before
             client.set_registered_model_alias(model, CHAMPION, best)
@@ -206,13 +248,14 @@ def promote_champion(
     raise CliptimeError(f"the alias {CHAMPION} of {model} kept changing under this promotion; check it by hand")
 
 
-def _best_scored(client: MlflowClient, model: str, key: str, mode: str) -> str:
-    """The version of `model` with the best score `key` (ties: the older version)."""
-    scored = [
-        (float(v.tags[key]), int(v.version)) for v in client.search_model_versions(f"name = '{model}'") if key in v.tags
-    ]
-    sign = 1 if mode == "max" else -1
-    return str(max(scored, key=lambda sv: (sign * sv[0], -sv[1]))[1])
+def _best_scored(client: MlflowClient, model: str, keys: dict[str, str], rule: ChampionRule) -> str:
+    """The version of `model` that `rule` prefers among those carrying every score tag in `keys` (metric -> tag)."""
+    scored = sorted(
+        (int(v.version), {m: float(v.tags[key]) for m, key in keys.items()})
+        for v in client.search_model_versions(f"name = '{model}'")
+        if all(key in v.tags for key in keys.values())
+    )
+    return str(scored[rule.choose([scores for _, scores in scored])][0])
 
 
 # -- model cards ----------------------------------------------------------------------------------------------
@@ -221,10 +264,10 @@ class SweepFacts:
     """Where a sweep's registered best model stands against the champion."""
 
     name: str
-    metric: str  # the validation metric the trials were ranked on; the champion is judged on its test twin
+    rule: ChampionRule  # how the best trial was chosen (on validation metrics) and the champion (on test ones)
     trials: int
     champion_before: str | None = None  # the version that held the alias before (None: none did)
-    score_before: float | None = None  # its score on this sweep's test data
+    score_before: dict[str, float] | None = None  # its scores on this sweep's test data (the rule's metrics)
     became_champion: bool | None = None  # None: not promoted yet
 
 
@@ -375,20 +418,20 @@ def _settings_lines(task: Task, tc: TrainConfig) -> list[str]:
 
 def _sweep_lines(sweep: SweepFacts) -> list[str]:
     """The sweep that chose this model, and whether it took the alias from the champion before it."""
-    ranked = f"test/{sweep.metric.removeprefix('val/')}"
     if sweep.champion_before is None:
         before = "none: this sweep's model is the first to hold the alias" if sweep.became_champion else "none"
     elif sweep.score_before is None:
         before = f"version {sweep.champion_before}"
     else:
-        before = f"version {sweep.champion_before}, `{ranked}` = {sweep.score_before:.4f} on this test data"
+        scores = ", ".join(f"`test/{m}` = {v:.4f}" for m, v in sweep.score_before.items())
+        before = f"version {sweep.champion_before}, {scores} on this test data"
     outcome = {True: "yes", False: "no", None: "not decided yet (the sweep promotes after registering)"}
     trials = f"{sweep.trials} trial{'s' if sweep.trials != 1 else ''}"
     return [
         "### Sweep",
         "",
-        f"The best of {trials} of sweep `{sweep.name}`, ranked on `{sweep.metric}`; the alias "
-        f"`{CHAMPION}` goes to the better model on `{ranked}` of the same test data.",
+        f"Of {trials} of sweep `{sweep.name}`, {sweep.rule.describe('val/')}; the alias `{CHAMPION}` goes to the "
+        f"better model by the same rule on the same test data: {sweep.rule.describe('test/')}.",
         "",
         f"- Champion before: {before}",
         f"- Became champion: {outcome[sweep.became_champion]}",

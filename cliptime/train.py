@@ -52,6 +52,17 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint, device: str | torch.device
     return state, read_history(checkpoint)
 
 
+def checkpoint_folders(run_folder: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
+    """(file system, the checkpoint folders of the Ray Train run in `run_folder`, newest first: Ray names them by
+    the time it made them)."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_folder)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    folders = [
+        i.path for i in found if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    ]
+    return fs, sorted(folders, reverse=True)
+
+
 def load_newest_intact(run_folder: str, device: str | torch.device, say=print) -> tuple[dict, list[dict]] | None:
     """(state, history) of the newest checkpoint of the Ray Train run in `run_folder` (a path or URI) that can be
     read; None when it has no checkpoint.
@@ -61,13 +72,8 @@ def load_newest_intact(run_folder: str, device: str | torch.device, say=print) -
     next poll (every 2 s), so a job stopped in between would resume from an older checkpoint, or from
     scratch (tests/test_recovery.py). A checkpoint that cannot be read (a crash while it was written out, a damaged
     disk) is passed over for the one before, and `say` tells the person so. Checkpoint folders are named by the
-    time Ray made them, so their names sort oldest first."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_folder)
-    found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    newest_first = sorted(
-        (i.path for i in found if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-        reverse=True,
-    )
+    time Ray made them."""
+    fs, newest_first = checkpoint_folders(run_folder)
     for path in newest_first:
         try:
             loaded = load_checkpoint(ray.train.Checkpoint(path, fs), device)
@@ -80,6 +86,25 @@ def load_newest_intact(run_folder: str, device: str | torch.device, say=print) -
     if newest_first:
         raise CliptimeError(f"no checkpoint of {run_folder} can be read; start the run anew under another --name")
     return None
+
+
+def initial_weights(task: Task, location: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The model weights of checkpoint folder `location` (`--init-from`: a path or a URI), checked against the
+    task's model: a folder that is no checkpoint, or holds a model of another shape, is one line naming it."""
+    if "://" not in location:
+        location = str(Path(location).expanduser().resolve())
+    fs, path = pyarrow.fs.FileSystem.from_uri(location)
+    try:
+        state, _ = load_checkpoint(ray.train.Checkpoint(path, fs), device)
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise CliptimeError(f"--init-from {location}: not a readable checkpoint folder ({type(e).__name__})") from None
+    try:
+        task.build_model(load_pretrained=False).load_state_dict(state["model"])
+    except RuntimeError as e:  # load_state_dict: missing, unexpected or differently shaped weights
+        raise CliptimeError(
+            f"--init-from {location}: its weights do not fit this {task.name} model ({str(e).splitlines()[0]})"
+        ) from None
+    return state["model"]
 
 
 def read_history(checkpoint: ray.train.Checkpoint) -> list[dict]:
@@ -148,6 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
+    elif tc.init_from:
+        module.load_state_dict(initial_weights(task, tc.init_from, device))
 
     amp = tc.use_gpu and tc.amp
     amp_dtype = getattr(torch, tc.amp_dtype)
@@ -250,6 +277,9 @@ def fit(
     `messages` on a queue (`console.new_messages`), the epochs' progress is shown here, at the driver; without,
     rank 0 prints its epoch lines where it runs."""
     messages = messages or Messages()
+    _, resumed_from = checkpoint_folders(joined(storage_path, name))
+    if tc.init_from and not resumed_from:  # a wrong folder fails here in one line, not in every worker
+        initial_weights(task, tc.init_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -5,7 +5,14 @@ such as caption templates) and handed to every trial. Each trial is a function t
 `cliptime.train.fit` as the training jobs, with Ray's `TuneReportCallback` forwarding every epoch's report to
 Tune (so ASHA can stop it early) and the epoch logger writing it to the trial's MLflow child run. After the
 sweep, the best trial's checkpoint is evaluated on the test split already prepared and registered; the alias
-`champion` moves to it only if it beats the current champion on the sweep's metric.
+`champion` moves to it only if it beats the current champion on the same test data.
+
+A sweep searches one metric or several (`objectives`): Optuna's TPE sampler handles both. With several, the
+trials that no other trial beats on every objective form the Pareto front, logged to the sweep's parent run as
+a table and a plot, and the `champion` rule of the file picks the sweep's best trial (on validation metrics) and
+then the champion (on test metrics): e.g. the best T-Classify among trials whose zero-shot accuracy is within one
+point of the best. Every trial of a multi-objective sweep runs to its end: ASHA stops trials on one metric, which
+would cut those that lead on another.
 
 The space is read straight into Optuna distributions: the one representation that OptunaSearch samples from
 and that the sweep's Optuna figures are drawn with.
@@ -26,12 +33,28 @@ Search-space file::
       head_depth: {int: [1, 4]}
       head: {choice: [transformer, mlp]}
       cls_weight: {uniform: [0.5, 2.0]}
+
+Several objectives, instead of `metric` and `mode` (the scheduler is then FIFO)::
+
+    objectives:
+      - {metric: val/tclassify_a2t, mode: max}
+      - {metric: val/zeroshot_accuracy, mode: max}
+    champion:                       # default: the best of the first objective
+      best: val/tclassify_a2t
+      within: {val/zeroshot_accuracy: 0.01}     # in turn, in the order written
+
+A warm start: one model trained first on the sweep's data (the fixed settings, then these), whose weights every
+trial starts from (`--init-from`), so that short trials fine-tune what one long run would have learnt first::
+
+    warm_start: {epochs: 8, fixed: {temporal_weight: 0.0}}
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +63,7 @@ from typing import Any
 
 import mlflow
 import optuna
+import pandas as pd
 import ray.train
 import yaml
 from mlflow.tracking import MlflowClient
@@ -51,30 +75,67 @@ from cliptime import evaluate, registry, tracking, train
 from cliptime.config import TrainConfig, fits, flat_params, setting_types, type_name
 from cliptime.errors import CliptimeError, Interrupted
 from cliptime.pipeline import PreparedData, prepare, steps_per_epoch, training_datasets
-from cliptime.runtime import Storage, handlers_kept, init_ray
+from cliptime.runtime import Storage, handlers_kept, init_ray, joined
 from cliptime.tasks import task_class, task_ref
 from cliptime.tasks.base import Task
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-SPEC_KEYS = {"task", "metric", "mode", "num_samples", "max_concurrent", "seed", "scheduler", "fixed", "space"}
+SPEC_KEYS = {
+    "task",
+    "metric",
+    "mode",
+    "objectives",
+    "champion",
+    "num_samples",
+    "max_concurrent",
+    "seed",
+    "scheduler",
+    "fixed",
+    "space",
+    "warm_start",
+}
 SWEEP_RECORD = "cliptime_sweep.json"
 
 
 @dataclass
 class SweepSpec:
     task: str  # what names the task's class anywhere (`task_ref`)
-    metric: str
-    mode: str
+    objectives: list[tuple[str, str]]  # (validation metric, max or min); one for a single-objective sweep
+    champion: dict[str, Any]  # {"best": a metric of `objectives`, "within": {another: margin, ...}}
     num_samples: int
     max_concurrent: int
     seed: int
     scheduler: dict[str, Any]
     fixed: dict[str, Any] = field(default_factory=dict)
     space: dict[str, dict[str, list]] = field(default_factory=dict)
+    warm_start: dict[str, Any] = field(default_factory=dict)  # {"epochs": N, "fixed": {...}}; {}: none
 
     @property
     def task_cls(self) -> type[Task]:
         return task_class(self.task)
+
+    @property
+    def modes(self) -> dict[str, str]:
+        return dict(self.objectives)
+
+    @property
+    def metric(self) -> str:
+        """The metric the champion rule ranks on (with its `val/` prefix)."""
+        return self.champion["best"]
+
+    @property
+    def mode(self) -> str:
+        return self.modes[self.metric]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def rule(self) -> registry.ChampionRule:
+        """The champion rule on metric names without their `val/` prefix, as trials and test splits share them."""
+        within = tuple((m.removeprefix("val/"), self.modes[m], float(w)) for m, w in self.champion["within"].items())
+        return registry.ChampionRule(self.metric.removeprefix("val/"), self.mode, within)
 
     def settings(self, sampled: dict[str, Any], storage_path: str, experiment: str) -> tuple[dict, TrainConfig]:
         """(task settings, training config) of a trial: the fixed settings, then the sampled ones."""
@@ -118,14 +179,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         cls = task_class(str(raw.get("task")))
     except CliptimeError:
         raise CliptimeError(f"{path}: task {raw.get('task')!r} is not a known task") from None
-    metric = raw.get("metric", cls.monitor)
-    if not str(metric).startswith("val/"):
-        raise CliptimeError(
-            f"{path}: metric {metric!r} must be a validation metric (val/...): the champion is judged on the same "
-            "metric of the test split"
-        )
-    if raw.get("mode", "max") not in ("max", "min"):
-        raise CliptimeError(f"{path}: mode {raw['mode']!r} must be max or min")
+    objectives = _objectives(path, raw, cls)
+    champion = _champion_rule(path, raw.get("champion"), objectives)
     names = {f.name for f in dataclasses.fields(cls.Config)} | {f.name for f in dataclasses.fields(TrainConfig)}
     for section in ("fixed", "space"):
         if not isinstance(raw.get(section, {}), dict):
@@ -137,29 +192,110 @@ def load_spec(path: str | Path) -> SweepSpec:
     for name, value in raw.get("fixed", {}).items():
         if not fits(types[name], value):
             raise CliptimeError(f"{path}: fixed.{name} is {value!r}, not a {type_name(types[name])}")
+    warm_start = raw.get("warm_start") or {}
+    if warm_start:
+        _check_warm_start(path, warm_start, raw, names, types, cls)
     for name, dist in raw.get("space", {}).items():
         _check_distribution(path, name, dist, types[name])
         if name in cls.data_fields and "choice" not in dist:
             raise CliptimeError(
                 f"{path}: space.{name} decides the data, which a sweep prepares once per value: use choice"
             )
-    scheduler = raw.get("scheduler", {"type": "asha"})
+    scheduler = raw.get("scheduler", {"type": "fifo" if len(objectives) > 1 else "asha"})
     if scheduler.get("type") not in ("asha", "fifo"):
         raise CliptimeError(f"{path}: scheduler.type {scheduler.get('type')!r} must be asha or fifo")
+    if len(objectives) > 1 and scheduler["type"] == "asha":
+        raise CliptimeError(
+            f"{path}: scheduler.type asha stops trials on one metric, which cuts trials that lead on another "
+            "objective: a multi-objective sweep needs {type: fifo}"
+        )
     spec = SweepSpec(
         task=task_ref(cls),
-        metric=metric,
-        mode=raw.get("mode", "max"),
+        objectives=objectives,
+        champion=champion,
         num_samples=int(raw.get("num_samples", 8)),
         max_concurrent=int(raw.get("max_concurrent", 1)),
         seed=int(raw.get("seed", 0)),
         scheduler=scheduler,
         fixed=raw.get("fixed", {}),
         space=raw.get("space", {}),
+        warm_start={"epochs": warm_start["epochs"], "fixed": warm_start.get("fixed", {})} if warm_start else {},
     )
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         raise CliptimeError(f"{path}: num_samples and max_concurrent must be at least 1")
     return spec
+
+
+def _check_warm_start(path: Path, warm: Any, raw: dict, names: set[str], types: dict, cls: type[Task]) -> None:
+    """`warm_start: {epochs: N, fixed: {...}}`: a whole number of epochs, settings of the task or training; the
+    trials then all load its weights, so none may choose the data (or set where to start from itself)."""
+    if not isinstance(warm, dict) or set(warm) - {"epochs", "fixed"} or "epochs" not in warm:
+        raise CliptimeError(f"{path}: warm_start must be {{epochs: N, fixed: {{SETTING: VALUE, ...}}}}")
+    if isinstance(warm["epochs"], bool) or not isinstance(warm["epochs"], int) or warm["epochs"] < 1:
+        raise CliptimeError(f"{path}: warm_start.epochs is {warm['epochs']!r}, not a whole number >= 1")
+    fixed = warm.get("fixed", {})
+    if not isinstance(fixed, dict):
+        raise CliptimeError(f"{path}: warm_start.fixed must be a mapping of setting names")
+    for name, value in fixed.items():
+        if name not in names:
+            raise CliptimeError(f"{path}: warm_start.fixed.{name} is not a {cls.name} task or training setting")
+        if name in cls.data_fields or name == "epochs":
+            raise CliptimeError(f"{path}: warm_start.fixed.{name}: the warm start trains on the trials' data")
+        if not fits(types[name], value):
+            raise CliptimeError(f"{path}: warm_start.fixed.{name} is {value!r}, not a {type_name(types[name])}")
+    chooses_data = [k for k in raw.get("space", {}) if k in cls.data_fields]
+    if chooses_data:
+        raise CliptimeError(f"{path}: space.{chooses_data[0]} decides the data, which one warm start cannot serve")
+    if "init_from" in raw.get("fixed", {}) or "init_from" in raw.get("space", {}):
+        raise CliptimeError(f"{path}: init_from is what warm_start sets; give one or the other")
+
+
+def _objectives(path: Path, raw: dict, cls: type[Task]) -> list[tuple[str, str]]:
+    """The file's (metric, mode) pairs: its `objectives`, or its one `metric` and `mode`."""
+    if "objectives" in raw and ({"metric", "mode"} & set(raw)):
+        raise CliptimeError(f"{path}: give either metric and mode, or objectives, not both")
+    listed = raw.get("objectives", [{"metric": raw.get("metric", cls.monitor), "mode": raw.get("mode", "max")}])
+    if not isinstance(listed, list) or not listed:
+        raise CliptimeError(f"{path}: objectives must be a non-empty list of {{metric: val/..., mode: max|min}}")
+    objectives = []
+    for i, objective in enumerate(listed):
+        where = f"{path}: objectives[{i}]" if "objectives" in raw else f"{path}:"
+        if not isinstance(objective, dict) or set(objective) - {"metric", "mode"} or "metric" not in objective:
+            raise CliptimeError(f"{where} must be {{metric: val/..., mode: max|min}}")
+        metric, mode = objective["metric"], objective.get("mode", "max")
+        if not str(metric).startswith("val/"):
+            raise CliptimeError(
+                f"{where} metric {metric!r} must be a validation metric (val/...): the champion is judged on the "
+                "same metric of the test split"
+            )
+        if mode not in ("max", "min"):
+            raise CliptimeError(f"{where} mode {mode!r} must be max or min")
+        if metric in dict(objectives):
+            raise CliptimeError(f"{where} metric {metric} is already an objective")
+        objectives.append((metric, mode))
+    return objectives
+
+
+def _champion_rule(path: Path, raw: Any, objectives: list[tuple[str, str]]) -> dict[str, Any]:
+    """The file's `champion` rule, checked against its objectives (default: the best of the first)."""
+    names = [m for m, _ in objectives]
+    if raw is None:
+        return {"best": names[0], "within": {}}
+    if not isinstance(raw, dict) or set(raw) - {"best", "within"} or "best" not in raw:
+        raise CliptimeError(f"{path}: champion must be {{best: METRIC, within: {{METRIC: MARGIN, ...}}}}")
+    if raw["best"] not in names:
+        raise CliptimeError(f"{path}: champion.best {raw['best']!r} is not one of the objectives ({', '.join(names)})")
+    within = raw.get("within", {})
+    if not isinstance(within, dict):
+        raise CliptimeError(f"{path}: champion.within must be a mapping of objective -> margin")
+    for metric, margin in within.items():
+        if metric not in names or metric == raw["best"]:
+            raise CliptimeError(
+                f"{path}: champion.within.{metric} must be another of the objectives ({', '.join(names)})"
+            )
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+            raise CliptimeError(f"{path}: champion.within.{metric} is {margin!r}, not a margin >= 0")
+    return {"best": raw["best"], "within": dict(within)}
 
 
 def _check_distribution(path: Path, name: str, dist: Any, setting_type: Any) -> None:
@@ -256,6 +392,40 @@ def _trial(
     client.set_terminated(child)
 
 
+def _changed_keys(now: dict, then: dict) -> list[str]:
+    """The top-level keys of a sweep's spec that differ between the file now and the sweep's record (JSON has
+    turned its tuples into lists)."""
+    now = json.loads(json.dumps(now))
+    return sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+
+
+def _warm_start(
+    spec: SweepSpec, data: PreparedData, storage: Storage, sweep: str, uri: str, parent: str, experiment: str
+) -> str:
+    """Train the sweep's warm-start model (its own child run, `warm-start`) and return its last checkpoint's
+    location, which every trial starts from. A resumed sweep continues an unfinished warm start."""
+    task_settings, tc = spec.settings(
+        {**spec.warm_start["fixed"], "epochs": spec.warm_start["epochs"]}, storage.uri, experiment
+    )
+    task = data.task.replace(**{k: v for k, v in task_settings.items() if k not in spec.task_cls.data_fields})
+    client = MlflowClient(uri)
+    child = _child_run(client, tracking.experiment_id(client, experiment), parent, "warm-start", task, tc)
+    run = f"{sweep}-warm-start"
+    result = train.fit(
+        task,
+        tc,
+        training_datasets(data, task, tc.seed),
+        steps_per_epoch(data, tc.batch_size),
+        run,
+        storage.uri,
+        [tracking.EpochLogger(uri, child)],
+    )
+    if result.checkpoint is None:
+        raise CliptimeError(f"the warm start of sweep {sweep} left no checkpoint under {joined(storage.uri, run)}")
+    client.set_terminated(child)
+    return joined(storage.uri, f"{run}/{Path(result.checkpoint.path).name}")
+
+
 def _check_complete(spec: SweepSpec, results: tune.ResultGrid, resume_command: str) -> None:
     """Only a sweep whose every trial ran to its end (or was stopped early by its scheduler) may register: one
     stopped by Ctrl-C or SIGTERM (Tune returns what it has) or with failed trials names the command that
@@ -281,27 +451,67 @@ def _check_complete(spec: SweepSpec, results: tune.ResultGrid, resume_command: s
         )
 
 
-def _optuna_figures(spec: SweepSpec, results: tune.ResultGrid) -> dict[str, Any]:
-    """Optimization history and parameter importances, from an Optuna study rebuilt from the finished trials."""
+def _study(spec: SweepSpec, results: tune.ResultGrid) -> tuple[optuna.Study, list[tune.Result]]:
+    """An Optuna study rebuilt from the trials that reported every objective (what the figures are drawn from
+    and the Pareto front read from), and those trials in the study's order (trial number = index). A trial with
+    a NaN or infinite objective (one that diverged) enters as failed: Optuna takes no such value, and it belongs
+    on no front."""
+    space = distributions(spec)
+    study = optuna.create_study(directions=["maximize" if mode == "max" else "minimize" for _, mode in spec.objectives])
+    scored = [r for r in results if r.metrics and all(m in r.metrics for m, _ in spec.objectives)]
+    for r in scored:
+        values = [float(r.metrics[m]) for m, _ in spec.objectives]
+        params = {k: r.config[k] for k in space}
+        finite = all(math.isfinite(v) for v in values)
+        state = optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=space, values=values if finite else None, state=state
+            )
+        )
+    return study, scored
+
+
+def _optuna_figures(spec: SweepSpec, study: optuna.Study) -> dict[str, Any]:
+    """The Pareto front (several objectives) or the optimization history (one), and the parameters'
+    importances for the metric the champion rule ranks on."""
     import matplotlib
 
     matplotlib.use("Agg")
     from optuna.visualization import matplotlib as optuna_plots
 
-    space = distributions(spec)
-    study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
-    for r in results:
-        if r.metrics and spec.metric in r.metrics:
-            params = {k: r.config[k] for k in space}
-            study.add_trial(
-                optuna.trial.create_trial(params=params, distributions=space, value=float(r.metrics[spec.metric]))
-            )
+    names = [m for m, _ in spec.objectives]
     figures = {}
-    if study.trials:
+    if not study.trials:
+        return figures
+    if not spec.multi_objective:
         figures["optuna_history.png"] = optuna_plots.plot_optimization_history(study).figure
-    if len({t.value for t in study.trials}) >= 2 and space:  # importances need varied outcomes
-        figures["optuna_param_importances.png"] = optuna_plots.plot_param_importances(study).figure
+    elif len(names) <= 3:  # Optuna draws fronts of two or three objectives
+        figures["pareto_front.png"] = optuna_plots.plot_pareto_front(study, target_names=names).figure
+    ranked = names.index(spec.metric)
+    if len({t.values[ranked] for t in study.trials}) >= 2 and spec.space:  # importances need varied outcomes
+        figures["optuna_param_importances.png"] = optuna_plots.plot_param_importances(
+            study, target=lambda t: t.values[ranked], target_name=spec.metric
+        ).figure
     return figures
+
+
+def _trials_table(spec: SweepSpec, study: optuna.Study, scored: list[tune.Result], chosen: int) -> pd.DataFrame:
+    """One row per trial: its objectives, its sampled settings, whether it is on the Pareto front (no other
+    trial is as good on every objective and better on one) and whether the champion rule chose it."""
+    front = {t.number for t in study.best_trials}
+    return pd.DataFrame(
+        [
+            {
+                "trial": r.metrics.get("trial_id", str(i)),
+                **{m: float(r.metrics[m]) for m, _ in spec.objectives},
+                **{k: r.config[k] for k in spec.space},
+                "pareto_front": i in front,
+                "chosen": i == chosen,
+            }
+            for i, r in enumerate(scored)
+        ]
+    )
 
 
 def _open_sweep(
@@ -317,8 +527,8 @@ def _open_sweep(
     mlflow.log_params(
         {
             "spec": Path(spec_path).name,
-            "metric": spec.metric,
-            "mode": spec.mode,
+            "objectives": ", ".join(f"{m} ({mode})" for m, mode in spec.objectives),
+            "champion_rule": spec.rule.describe("val/"),
             "num_samples": spec.num_samples,
             **{f"fixed.{k}": v for k, v in spec.fixed.items()},
         },
@@ -329,7 +539,8 @@ def _open_sweep(
 
 
 def _new_tuner(spec: SweepSpec, tc: TrainConfig, trainable, storage: Storage, name: str) -> tune.Tuner:
-    """OptunaSearch over the space (at most `max_concurrent` trials at once), ASHA or FIFO."""
+    """OptunaSearch over the space (at most `max_concurrent` trials at once), ASHA or FIFO. Several
+    objectives go to Optuna as a list (its TPE sampler is multi-objective); Tune itself then ranks on none."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -345,12 +556,18 @@ def _new_tuner(spec: SweepSpec, tc: TrainConfig, trainable, storage: Storage, na
         if sched.get("type", "asha") == "asha"
         else FIFOScheduler()
     )
-    searcher = OptunaSearch(space=distributions(spec), metric=spec.metric, mode=spec.mode, seed=spec.seed)
+    metrics, modes = [m for m, _ in spec.objectives], [mode for _, mode in spec.objectives]
+    if spec.multi_objective:
+        searcher = OptunaSearch(space=distributions(spec), metric=metrics, mode=modes, seed=spec.seed)
+        metric, mode = None, None
+    else:
+        (metric,), (mode,) = metrics, modes
+        searcher = OptunaSearch(space=distributions(spec), metric=metric, mode=mode, seed=spec.seed)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=spec.metric,
-            mode=spec.mode,
+            metric=metric,
+            mode=mode,
             num_samples=spec.num_samples,
             scheduler=scheduler,
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
@@ -384,60 +601,83 @@ def sweep(
                 f"--resume {name}: that sweep finished and registered {task.name} version {saved['model_version']}"
             )
         parent = saved["mlflow_run_id"]
+        changed = _changed_keys(asdict(spec), saved["spec"])
+        if changed:
+            raise CliptimeError(
+                f"--resume {name}: {spec_path} is not the file the sweep started with ({', '.join(changed)} changed); "
+                "resume with that file, or start a new sweep"
+            )
     else:
         name, parent = _open_sweep(spec, spec_path, task, storage, client, experiment, name)
     # Each running trial holds its workers' CPUs plus a sliver for itself, which leaves a fractional CPU: Ray
     # Data's 1-CPU tasks need two whole ones beside them (with one, a trial was seen waiting on them forever).
     init_ray(spec.max_concurrent * (tc.num_workers * tc.cpus_per_worker + 2))
     prepared = {spec.data_variant(v): prepare(task.replace(**v)) for v in spec.data_variants()}
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _trial,
-            spec=asdict(spec),
-            prepared=prepared,
-            sweep=name,
-            storage_path=storage.uri,
-            uri=uri,
-            parent=parent,
-            experiment=experiment,
-        ),
-        # The trial only drives its TorchTrainer, whose workers reserve the CPUs; Tune needs a non-empty bundle.
-        {"cpu": 0.01},
-    )
-    if resume:
-        tuner = tune.Tuner.restore(f"{storage.uri}/{name}", trainable, resume_errored=True)
-    else:
-        tuner = _new_tuner(spec, tc, trainable, storage, name)
     with storage.hold(name), tracking.run_status(client, parent, active=True):
+        if spec.warm_start:
+            record = storage.read(name, SWEEP_RECORD)
+            if "warm_start" not in record:
+                record["warm_start"] = _warm_start(spec, prepared[()], storage, name, uri, parent, experiment)
+                storage.write(name, SWEEP_RECORD, record)
+            # the trials, and the best one's test, rebuild their settings from the spec: it carries the weights
+            spec = dataclasses.replace(spec, fixed={**spec.fixed, "init_from": record["warm_start"]})
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _trial,
+                spec=asdict(spec),
+                prepared=prepared,
+                sweep=name,
+                storage_path=storage.uri,
+                uri=uri,
+                parent=parent,
+                experiment=experiment,
+            ),
+            # The trial only drives its TorchTrainer, whose workers reserve the CPUs; Tune needs a non-empty bundle.
+            {"cpu": 0.01},
+        )
+        if resume:
+            tuner = tune.Tuner.restore(f"{storage.uri}/{name}", trainable, resume_errored=True)
+        else:
+            tuner = _new_tuner(spec, tc, trainable, storage, name)
         with handlers_kept(signal.SIGINT):
             results = tuner.fit()
         _check_complete(spec, results, f"python jobs/tune.py {spec_path} --resume {name}")
-        best = results.get_best_result(spec.metric, spec.mode, scope="last")
+        study, scored = _study(spec, results)
+        if not scored:
+            raise CliptimeError(f"no trial of sweep {name} reported {', '.join(m for m, _ in spec.objectives)}")
+        # the champion rule on each trial's last validation metrics (an early-stopped trial's at its stop)
+        chosen = spec.rule.choose([{m.removeprefix("val/"): v for m, v in r.metrics.items()} for r in scored])
+        best = scored[chosen]
         value = float(best.metrics[spec.metric])
+        if not math.isfinite(value):
+            raise CliptimeError(f"no trial of sweep {name} reached a finite {spec.metric}; nothing registered")
         data, task, tc = trial_setup(spec, best.config, prepared, storage.uri, experiment)
         checkpoint = ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY])
         metrics, _ = evaluate.test(task, tc, checkpoint, data.splits["test"])
         test_metrics = {f"best/test/{k}": v for k, v in metrics.items()}
-        mlflow.log_metrics({f"best/{spec.metric}": value, **test_metrics})
+        mlflow.log_metrics({**{f"best/{m}": float(best.metrics[m]) for m, _ in spec.objectives}, **test_metrics})
         mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
-        tracking.log_figures(parent, _optuna_figures(spec, results), client)
+        tracking.log_figures(parent, _optuna_figures(spec, study), client)
+        trials = _trials_table(spec, study, scored, chosen)
+        if spec.multi_objective:
+            # written whole (log_table would add to a table a failed attempt of this sweep left)
+            mlflow.log_dict(trials.to_dict(orient="split", index=False), "pareto_front.json", run_id=parent)
         model = train.load_checkpoint_model(task, checkpoint)
-        # The champion is judged on held-out test data, the same for both models: the sweep's metric as the
-        # test split reports it, under the test data's fingerprint.
-        ranked = spec.metric.removeprefix("val/")
-        key = registry.score_tag(data.test_fingerprint, ranked)
-        tags = {"sweep": name, "test_data": data.test_fingerprint, key: repr(metrics[ranked])}
-        facts = registry.SweepFacts(name, spec.metric, len(results))
+        # The champion is judged on held-out test data, the same for both models: the champion rule's metrics
+        # as the test split reports them, under the test data's fingerprint.
+        scores = {registry.score_tag(data.test_fingerprint, m): repr(metrics[m]) for m in spec.rule.metrics}
+        tags = {"sweep": name, "test_data": data.test_fingerprint, "champion_rule": json.dumps(spec.champion), **scores}
+        facts = registry.SweepFacts(name, spec.rule, len(results))
         card = registry.Card(data, tc, {f"test/{k}": v for k, v in metrics.items()}, name, sweep=facts)
         version = registry.log_and_register(
             task, model, True, tags={**tags, **{k: f"{v:.4f}" for k, v in test_metrics.items()}}, card=card
         )
 
-        def score(other: str) -> float:
-            """A registered version's `ranked` metric on this sweep's test split."""
+        def score(other: str) -> dict[str, float]:
+            """A registered version's test metrics on this sweep's test split."""
             other_task, other_model = registry.load_model(f"models:/{task.name}/{other}")
             try:
-                return evaluate.test(other_task, tc, other_model, data.splits["test"])[0][ranked]
+                return evaluate.test(other_task, tc, other_model, data.splits["test"])[0]
             except Exception as e:
                 raise CliptimeError(
                     f"{task.name} version {other} (the champion) cannot be scored on this sweep's test data "
@@ -446,8 +686,10 @@ def sweep(
                 ) from None
 
         holder = registry.champion(client, task.name)
-        moved, before = registry.promote_champion(client, task.name, version, key, spec.mode, score)
-        client.set_model_version_tag(task.name, version, "champion_before", "none" if before is None else repr(before))
+        moved, before = registry.promote_champion(client, task.name, version, data.test_fingerprint, spec.rule, score)
+        client.set_model_version_tag(
+            task.name, version, "champion_before", "none" if before is None else json.dumps(before)
+        )
         standing = dataclasses.replace(facts, champion_before=holder, score_before=before, became_champion=moved)
         registry.write_card(client, task, version, dataclasses.replace(card, sweep=standing))
     storage.mark_finished(name, SWEEP_RECORD, model_version=version)
@@ -457,6 +699,9 @@ def sweep(
         "trials": len(results),
         "prepared_data_sets": len(prepared),
         "best_config": best.config,
+        "objectives": [{"metric": m, "mode": mode} for m, mode in spec.objectives],
+        "champion_rule": spec.rule.describe("val/"),
+        **({"pareto_front": trials.loc[trials["pareto_front"], "trial"].tolist()} if spec.multi_objective else {}),
         "metric": spec.metric,
         "best_value": value,
         "test_metrics": metrics,

@@ -143,7 +143,10 @@ def ray_start(*args: str, env: dict | None = None) -> subprocess.Popen:
         node_env["RAY_AUTH_MODE"] = "token"
     node_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     node_env.update(env or {})
-    extra = [f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"] if "--head" in args else []  # short path
+    # Every node its own (short) temp folder: a node joining on the same machine would otherwise share the head's,
+    # and unpack a job's --working-dir into the same folder again, replacing it under the running job (a sweep's
+    # driver lost its working directory).
+    extra = [f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"]
     # Every node's dashboard agent serves HTTP (on a head, the job API) on 52365 unless told otherwise, and the
     # tests' own Ray already holds that port: an agent that cannot bind leaves `ray job submit` "no available agent".
     extra.append(f"--dashboard-agent-listen-port={free_port()}")

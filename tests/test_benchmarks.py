@@ -79,3 +79,83 @@ def test_ingest_writes_items_per_second_per_core_of_each_data_set(tmp_path):
         timed = result["results"]["1"][kind]
         assert timed["train_rows"] > 0 and len(timed["epoch_seconds"]) == len(timed["decode_seconds"]) == 1
         assert result[f"{kind}_per_second_per_core"] == timed["decode_and_epoch_per_second_per_core"]["mean"] > 0
+
+
+QUICK_SPACES = ["tune_spaces/cliptime-quick.yaml", "tune_spaces/tclap-quick.yaml"]
+CLAP_TARGET = "best T-Classify a2t >= 0.85 within 25 min"
+
+
+def sweeps_module():
+    from tests.test_readme import benchmark_module
+
+    return benchmark_module("sweeps")
+
+
+@pytest.mark.parametrize("space", QUICK_SPACES)
+def test_sweeps_default_job_gets_exactly_the_spaces_fixed_settings(space):
+    """benchmarks/sweeps.py holds a quick sweep against its task's default job on the same data and budget: read
+    back by the job's own parser, its flags give the space's `fixed` settings (T-CLAP's also without its baseline:
+    one model, as a trial; with as many epochs as the warm start and a trial together), and every other setting,
+    each one the space searches included, its default."""
+    from cliptime.cli import train_parser
+    from cliptime.tune import load_spec
+
+    spec = load_spec(ROOT / space)
+    parser = train_parser(spec.task)
+    defaults = vars(parser.parse_args([]))
+    parsed = vars(parser.parse_args(sweeps_module().default_flags(spec)))
+    one_model = {"baseline": False} if spec.task_cls.name == "tclap" else {}
+    # after a warm start the chosen model has trained its epochs and a trial's: the default job trains as many
+    epochs = {"epochs": spec.warm_start["epochs"] + spec.fixed["epochs"]} if spec.warm_start else {}
+    assert parsed == {**defaults, **spec.fixed, **one_model, **epochs}
+    assert {k: parsed[k] for k in spec.space} == {k: defaults[k] for k in spec.space}
+
+
+def test_sweeps_job_flags_spell_tuples_aliases_and_booleans_as_the_parser_reads_them():
+    from cliptime.cli import train_parser
+
+    settings = {"gap": [0.5, 1.25], "temporal_weight": 0.0003, "order_pooling": False, "compile": True, "lr": 1e-4}
+    parsed = vars(train_parser("tclap").parse_args(sweeps_module().job_flags("tclap", settings)))
+    assert {k: parsed[k] for k in settings} == settings
+
+
+MAE_SPACE = "task: cliptime\nmetric: val/time_mae_hours_image_only\nmode: min\nfixed: {epochs: 3}\n"
+
+
+@pytest.mark.parametrize(
+    "space, text, best, seconds, defaults, expected",
+    [
+        ("tclap-quick.yaml", None, 0.90, 1400, [0.80, 0.82, 0.84], {"tclassify_a2t": True, CLAP_TARGET: True}),
+        # between the defaults' worst and best runs: judged on their mean
+        ("tclap-quick.yaml", None, 0.81, 1400, [0.80, 0.82, 0.84], {"tclassify_a2t": False, CLAP_TARGET: False}),
+        ("tclap-quick.yaml", None, 0.90, 1600, [0.80, 0.82, 0.84], {"tclassify_a2t": True, CLAP_TARGET: False}),
+        ("cliptime-quick.yaml", None, 0.95, 300, [0.97, 0.99], {"accuracy_image_only": False}),
+        ("mae.yaml", MAE_SPACE, 1.0, 300, [1.5, 2.5], {"time_mae_hours_image_only": True}),  # lower is better
+        ("mae.yaml", MAE_SPACE, 2.1, 300, [1.5, 2.5], {"time_mae_hours_image_only": False}),
+    ],
+    ids=["better", "between-default-runs", "over-25-min", "worse", "min-better", "min-worse"],
+)
+def test_sweeps_verdicts_and_table_of_hand_made_figures(tmp_path, space, text, best, seconds, defaults, expected):
+    """From a sweep's JSON line and its default job's runs, hand-made: the sweep beats the defaults when its
+    ranked test figure is better (higher, or lower for mode min) than the defaults' mean; the T-CLAP quick
+    sweep's target also needs T-Classify a2t >= 0.85 within 25 minutes; the Markdown shows both figures."""
+    import statistics
+
+    from cliptime.tune import load_spec
+
+    sweeps = sweeps_module()
+    path = tmp_path / space
+    path.write_text(text or (ROOT / "tune_spaces" / space).read_text())
+    spec = load_spec(path)
+    ranked = spec.metric.removeprefix("val/")
+    tune_line = {"trials": 4, "best_config": {"lr": 0.002}, "best_value": 0.5, "model_version": "3"}
+    r = sweeps.sweep_result(str(path), spec, seconds, {**tune_line, "test_metrics": {ranked: best}})
+    for seed, value in enumerate(defaults):
+        sweeps.add_run(r, seed, 100.0 + seed, {f"test/{ranked}": value})
+    named = {k if k == CLAP_TARGET else f"sweep beats defaults on test/{k}": met for k, met in expected.items()}
+    assert r["verdicts"] == named
+    md = sweeps.markdown([r], "2026-12-02", "a machine", "python benchmarks/sweeps.py")
+    assert f"| best of the sweep | {best:.3f} |" in md
+    assert f"| defaults | {statistics.fmean(defaults):.3f} ± {statistics.stdev(defaults):.3f} |" in md
+    assert all(f"| {k} | {'yes' if met else 'NO'} |" in md for k, met in named.items())
+    assert json.loads(json.dumps(r)) == r

@@ -1,19 +1,22 @@
 """The cluster path as far as one machine allows: cluster.yaml passes Ray's own validation, and a two-node
-Ray cluster (two `ray start` processes) runs DDP and the training job with one worker on each node."""
+Ray cluster (two `ray start` processes) runs DDP and the training job with one worker on each node, and a sweep
+submitted with `ray job submit` with a trial on each node."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 import yaml
 
 from cliptime.runtime import free_port
-from tests.conftest import ROOT, ray_start, ray_stop, registered_versions
+from tests.conftest import ROOT, last_json_line, ray_start, ray_stop, registered_versions
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 
@@ -83,5 +86,70 @@ def test_two_node_cluster_syncs_ddp_across_nodes_and_runs_the_job(mlflow_store, 
         assert job.returncode == 0, job.stderr[-3000:]
         result = json.loads(job.stdout.strip().splitlines()[-1])
         assert result["model_version"] in {str(v.version) for v in registered_versions(mlflow_store, "cliptime")}
+    finally:
+        ray_stop(head, node)
+
+
+@pytest.mark.slow
+def test_a_sweep_submitted_with_ray_job_submit_runs_a_trial_on_each_node_and_crowns_a_champion(tmp_path):
+    """A head started with `ray start --head` (token authentication on) and a node joining it, 5 CPUs each; the
+    sweep's two trials run at once, each with a 3-CPU worker, so one lands on each node (a node cannot hold two)
+    and Ray Data keeps a whole CPU beside it; the client reads the saved token with RAY_AUTH_MODE=token."""
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = ray_start(
+        "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=5"
+    )
+    node = ray_start(f"--address=127.0.0.1:{port}", "--num-cpus=5")
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        space = tmp_path / "two-nodes.yaml"
+        tiny = {"sequences": 7, "frames": 10, "image_size": 32, "head_depth": 1, "ffn_dim": 64, "batch_size": 16}
+        space.write_text(
+            yaml.safe_dump(
+                {
+                    "task": "cliptime",
+                    "metric": "val/accuracy_image_only",
+                    "num_samples": 2,
+                    "max_concurrent": 2,
+                    "scheduler": {"type": "fifo"},
+                    "fixed": {**tiny, "epochs": 1, "cpus_per_worker": 3},
+                    "space": {"lr": {"loguniform": [0.001, 0.003]}},
+                }
+            )
+        )
+        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store}})
+        submit = [
+            *(sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address={address}"),
+            *("--working-dir", str(ROOT), f"--runtime-env-json={runtime_env}", "--"),
+            *("python", "jobs/tune.py", str(space), "--storage-path", str(tmp_path / "results")),
+        ]
+        # The dashboard, then its job agent, take a few seconds to come up (longer on a loaded machine).
+        not_up = ("Connection refused", "No available agent to submit job")
+        for _ in range(60):
+            proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=900)
+            if not any(message in proc.stderr + proc.stdout for message in not_up):
+                break
+            time.sleep(2)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        result = last_json_line(proc.stdout)
+        assert result["trials"] == 2
+        assert result["model_version"] == result["champion_version"] == "1"  # the first sweep crowns its best
+        assert registered_versions(store, "cliptime")
+        # where the trials' training workers ran, from the cluster's own record of its actors
+        listed = subprocess.run(
+            [
+                *(sys.executable, "-m", "ray.scripts.scripts", "list", "actors", f"--address={address}"),
+                *("--filter", "class_name=RayTrainWorker", "--detail", "--format", "json", "--limit", "100"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        workers = json.loads(listed.stdout)
+        assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2
     finally:
         ray_stop(head, node)

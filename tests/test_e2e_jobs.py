@@ -1,5 +1,5 @@
-"""End to end, as a user runs it: a job killed with its local Ray (SIGKILL of its process group) and resumed;
-`ray job submit` to a head started with `ray start`."""
+"""End to end, as a user runs it: a job killed with its local Ray (SIGKILL of its process group) and resumed.
+(`ray job submit` to a cluster started with `ray start`: tests/test_cluster.py.)"""
 
 import json
 import os
@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cliptime.runtime import free_port
-from tests.conftest import ROOT, last_json_line, ray_start, ray_stop, registered_versions
+from tests.conftest import ROOT, registered_versions
 
 pytestmark = pytest.mark.slow
 
@@ -93,48 +92,3 @@ def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, t
     assert f"model: cliptime version {result['model_version']}" in proc.stdout
     assert f"browse: mlflow ui --backend-store-uri {mlflow_store}" in proc.stdout
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
-
-
-def test_ray_job_submit_to_a_local_head_with_token_auth(tmp_path):
-    """`ray start --head` turns on token auth; with RAY_AUTH_MODE=token the client reads the saved token."""
-    port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    head = ray_start(
-        "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=3"
-    )
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store}})
-        submit = [
-            sys.executable,
-            "-m",
-            "ray.scripts.scripts",
-            "job",
-            "submit",
-            f"--address={address}",
-            "--working-dir",
-            str(ROOT),
-            f"--runtime-env-json={runtime_env}",
-            "--",
-            "python",
-            "jobs/train_cliptime.py",
-            *TINY_CLIPTIME,
-            "--epochs",
-            "1",
-            "--storage-path",
-            str(tmp_path / "results"),
-        ]
-        # The dashboard, then its job agent, take a few seconds to come up (longer on a loaded machine).
-        not_up = ("Connection refused", "No available agent to submit job")
-        for _ in range(60):
-            proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600)
-            if not any(message in proc.stderr + proc.stdout for message in not_up):
-                break
-            time.sleep(2)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        result = last_json_line(proc.stdout)
-        assert result["model_name"] == "cliptime" and result["model_version"] == "1"
-        assert registered_versions(store, "cliptime")
-    finally:
-        ray_stop(head)

@@ -3,6 +3,7 @@ tested, registered once, resumed, predicted; and the run records `--resume` read
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -194,3 +195,26 @@ def test_a_version_of_the_older_format_loads_from_its_tensors(tmp_path):
     loaded_task, loaded = load_files(tmp_path)
     assert loaded_task.cfg == task.cfg
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_init_from_a_checkpoint_of_another_shape_or_no_checkpoint_is_one_line(toy_run, tmp_path):
+    from cliptime.train import initial_weights
+
+    result, task, *_ = toy_run
+    assert set(initial_weights(task, result.checkpoint)) == set(task.build_model().state_dict())
+    with pytest.raises(CliptimeError, match=r"^--init-from .*: its weights do not fit this toy model \(Error"):
+        initial_weights(ToyTask(ToyConfig(hidden=32)), result.checkpoint)
+    with pytest.raises(CliptimeError, match=rf"^--init-from {tmp_path}: not a readable checkpoint folder"):
+        initial_weights(task, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_run_started_from_a_checkpoint_starts_from_its_weights(toy_run, tmp_path):
+    """With a learning rate too small to learn anything in an epoch, the first epoch scores what the checkpoint
+    had learnt (the toy's chance is 0.5), and the run's params name where it started."""
+    result, task, tc, uri, _ = toy_run
+    tuned = job.run(
+        task, dataclasses.replace(tc, init_from=result.checkpoint, lr=1e-7, epochs=1, name="tuned", register=False)
+    )
+    assert tuned.metrics["test/accuracy"] >= 0.85
+    assert MlflowClient(uri).get_run(tuned.run_id).data.params["train.init_from"] == result.checkpoint

@@ -13,7 +13,14 @@ from mlflow.tracking import MlflowClient
 from cliptime import job, pipeline
 from cliptime.convert import write_generated_shards
 from cliptime.pipeline import PreparedData
-from cliptime.registry import DESCRIPTION_LIMIT, Card, SweepFacts, model_description, version_description
+from cliptime.registry import (
+    DESCRIPTION_LIMIT,
+    Card,
+    ChampionRule,
+    SweepFacts,
+    model_description,
+    version_description,
+)
 from tests.toy_task import ToyConfig, ToyTask
 
 
@@ -55,17 +62,20 @@ def test_a_baselines_scores_stand_beside_the_models():
     assert "other test metrics  value   baseline\nloss                0.2000  -\n" in text
 
 
+ACCURACY = ChampionRule("accuracy", "max")
+
+
 @pytest.mark.parametrize(
     ("facts", "told"),
     [
-        (SweepFacts("sweep-toy-1", "val/accuracy", 4, "2", 0.95, False), "version 2, `test/accuracy` = 0.9500"),
-        (SweepFacts("sweep-toy-1", "val/accuracy", 4, None, None, True), "none: this sweep's model is the first"),
-        (SweepFacts("sweep-toy-1", "val/accuracy", 4), "not decided yet"),
+        (SweepFacts("sweep-toy-1", ACCURACY, 4, "2", {"accuracy": 0.95}, False), "version 2, `test/accuracy` = 0.9500"),
+        (SweepFacts("sweep-toy-1", ACCURACY, 4, None, None, True), "none: this sweep's model is the first"),
+        (SweepFacts("sweep-toy-1", ACCURACY, 4), "not decided yet"),
     ],
 )
 def test_a_sweeps_card_tells_the_champion_before_and_whether_it_took_the_alias(facts, told):
     text = version_description(ToyTask(ToyConfig()), "3", "abc123", card_of(ToyTask(ToyConfig()), sweep=facts))
-    assert "The best of 4 trials of sweep `sweep-toy-1`, ranked on `val/accuracy`" in text
+    assert "Of 4 trials of sweep `sweep-toy-1`, the best `val/accuracy` (max); the alias" in text
     assert told in text
     became = {True: "Became champion: yes", False: "Became champion: no", None: "Became champion: not decided"}
     assert became[facts.became_champion] in text

@@ -11,10 +11,11 @@ from mlflow.tracking import MlflowClient
 
 from cliptime import tracking
 from cliptime.errors import CliptimeError
-from cliptime.registry import champion, promote_champion, score_tag
+from cliptime.registry import ChampionRule, champion, promote_champion, score_tag
 
 MODEL = "m"
 ON_A, ON_B = score_tag("aaaa", "accuracy"), score_tag("bbbb", "accuracy")
+ACCURACY = ChampionRule("accuracy", "max")
 
 
 def add_version(client: MlflowClient, tags: dict[str, float]) -> str:
@@ -29,22 +30,22 @@ def add_version(client: MlflowClient, tags: dict[str, float]) -> str:
     return str(version)
 
 
-def never_scored(version: str) -> float:
+def never_scored(version: str) -> dict[str, float]:
     raise AssertionError(f"version {version} should not need scoring")
 
 
 def test_a_better_model_takes_the_alias_and_a_worse_one_does_not(empty_store):
     client = MlflowClient(empty_store)
     first = add_version(client, {ON_A: 0.8})
-    assert promote_champion(client, MODEL, first, ON_A, "max", never_scored) == (True, None)
+    assert promote_champion(client, MODEL, first, "aaaa", ACCURACY, never_scored) == (True, None)
     worse = add_version(client, {ON_A: 0.7})
-    assert promote_champion(client, MODEL, worse, ON_A, "max", never_scored) == (False, 0.8)
+    assert promote_champion(client, MODEL, worse, "aaaa", ACCURACY, never_scored) == (False, {"accuracy": 0.8})
     assert champion(client, MODEL) == first
     better = add_version(client, {ON_A: 0.9})
-    assert promote_champion(client, MODEL, better, ON_A, "max", never_scored) == (True, 0.8)
+    assert promote_champion(client, MODEL, better, "aaaa", ACCURACY, never_scored) == (True, {"accuracy": 0.8})
     assert champion(client, MODEL) == better
     lower_loss = add_version(client, {score_tag("aaaa", "loss"): 0.1})
-    assert promote_champion(client, MODEL, lower_loss, score_tag("aaaa", "loss"), "min", lambda v: 0.5)[0]
+    assert promote_champion(client, MODEL, lower_loss, "aaaa", ChampionRule("loss", "min"), lambda v: {"loss": 0.5})[0]
 
 
 def test_a_champion_scored_on_other_data_is_scored_on_the_candidates(empty_store):
@@ -55,11 +56,11 @@ def test_a_champion_scored_on_other_data_is_scored_on_the_candidates(empty_store
     candidate = add_version(client, {ON_B: 0.9})
     asked = []
 
-    def score(version: str) -> float:
+    def score(version: str) -> dict[str, float]:
         asked.append(version)
-        return 0.6
+        return {"accuracy": 0.6, "loss": 0.4}
 
-    assert promote_champion(client, MODEL, candidate, ON_B, "max", score) == (True, 0.6)
+    assert promote_champion(client, MODEL, candidate, "bbbb", ACCURACY, score) == (True, {"accuracy": 0.6})
     assert asked == [crowned] and champion(client, MODEL) == candidate
     assert float(client.get_model_version(MODEL, crowned).tags[ON_B]) == 0.6  # recorded beside its 0.99 on A
 
@@ -75,7 +76,7 @@ def test_a_registry_error_stops_the_promotion(empty_store, monkeypatch):
 
     monkeypatch.setattr(client, "get_registered_model", unavailable)
     with pytest.raises(CliptimeError, match="registry error while promoting m version 2: the registry is restarting"):
-        promote_champion(client, MODEL, candidate, ON_A, "max", never_scored)
+        promote_champion(client, MODEL, candidate, "aaaa", ACCURACY, never_scored)
     assert champion(MlflowClient(empty_store), MODEL) == crowned  # not "no champion", so not crowned
 
 
@@ -98,18 +99,69 @@ def test_racing_promotions_leave_the_better_model_champion(empty_store):
     outcome = {}
     racer = threading.Thread(
         target=lambda: outcome.update(
-            worse=promote_champion(SlowClient(empty_store), MODEL, worse, ON_A, "max", never_scored)
+            worse=promote_champion(SlowClient(empty_store), MODEL, worse, "aaaa", ACCURACY, never_scored)
         )
     )
     racer.start()
     while SlowClient.first:  # the worse one has chosen itself and waits to write
         threading.Event().wait(0.05)
     better = add_version(client, {ON_A: 0.9})
-    assert promote_champion(client, MODEL, better, ON_A, "max", never_scored)[0]
+    assert promote_champion(client, MODEL, better, "aaaa", ACCURACY, never_scored)[0]
     late_write.set()
     racer.join(60)
     assert outcome["worse"][0] is False
     assert champion(client, MODEL) == better
+
+
+TCLASSIFY_NEAR_BEST_ZEROSHOT = ChampionRule("tclassify", "max", (("zeroshot", "max", 0.01),))
+
+
+@pytest.mark.parametrize(
+    ("rule", "scores", "chosen"),
+    [
+        # the best T-Classify (0.95) lost 3 points of zero-shot: the best among those within 1 point wins
+        (
+            TCLASSIFY_NEAR_BEST_ZEROSHOT,
+            [
+                {"tclassify": 0.95, "zeroshot": 0.70},
+                {"tclassify": 0.90, "zeroshot": 0.725},
+                {"tclassify": 0.85, "zeroshot": 0.73},
+            ],
+            1,
+        ),
+        (
+            ChampionRule("tclassify", "max"),
+            [{"tclassify": 0.9}, {"tclassify": 0.95}, {"tclassify": 0.95}],
+            1,
+        ),  # tie: earlier
+        (ChampionRule("mae", "min"), [{"mae": 2.0}, {"mae": float("nan")}, {"mae": 1.5}], 2),  # NaN ranks last
+        # conditions in turn: within 0.1 of the best a (0.9, 0.85), then within 0.05 of the best b among those
+        (
+            ChampionRule("c", "max", (("a", "max", 0.1), ("b", "min", 0.05))),
+            [{"a": 0.9, "b": 0.5, "c": 0.1}, {"a": 0.85, "b": 0.3, "c": 0.2}, {"a": 0.5, "b": 0.0, "c": 0.9}],
+            1,
+        ),
+    ],
+)
+def test_the_champion_rule_picks_the_best_among_the_candidates_near_the_best_on_the_others(rule, scores, chosen):
+    assert rule.choose(scores) == chosen
+
+
+def test_a_rule_with_a_condition_keeps_the_champion_that_a_better_ranked_but_worse_conditioned_model_challenges(
+    empty_store,
+):
+    """The alias moves by the sweep's rule on test scores: higher T-Classify is not enough when zero-shot fell."""
+    client = MlflowClient(empty_store)
+    tclassify, zeroshot = score_tag("aaaa", "tclassify"), score_tag("aaaa", "zeroshot")
+    first = add_version(client, {tclassify: 0.90, zeroshot: 0.75})
+    rule = TCLASSIFY_NEAR_BEST_ZEROSHOT
+    assert promote_champion(client, MODEL, first, "aaaa", rule, never_scored) == (True, None)
+    lost_zeroshot = add_version(client, {tclassify: 0.97, zeroshot: 0.72})
+    before = {"tclassify": 0.90, "zeroshot": 0.75}
+    assert promote_champion(client, MODEL, lost_zeroshot, "aaaa", rule, never_scored) == (False, before)
+    kept_zeroshot = add_version(client, {tclassify: 0.93, zeroshot: 0.745})
+    assert promote_champion(client, MODEL, kept_zeroshot, "aaaa", rule, never_scored) == (True, before)
+    assert champion(client, MODEL) == kept_zeroshot
 
 
 # -- the MLflow run status of a job ----------------------------------------------------------------------------

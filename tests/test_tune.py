@@ -1,5 +1,6 @@
 """Sweeps: search-space files, a 2-trial sweep with MLflow parent/child runs and the champion alias."""
 
+import json
 import re
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from cliptime.cli import tune_main
 from cliptime.errors import CliptimeError
+from cliptime.registry import ChampionRule
 from cliptime.tune import load_spec, sweep
 from tests.conftest import ROOT
 
@@ -37,6 +39,7 @@ def write_spec(tmp_path: Path, **overrides) -> Path:
         "space": {"lr": {"loguniform": [0.001, 0.003]}, "head": {"choice": ["transformer", "mlp"]}},
     }
     spec.update(overrides)
+    spec = {k: v for k, v in spec.items() if v is not None}  # None: leave the key out
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -46,6 +49,14 @@ def write_spec(tmp_path: Path, **overrides) -> Path:
 def test_shipped_spaces_are_valid(name):
     spec = load_spec(ROOT / "tune_spaces" / name)
     assert spec.space and spec.num_samples >= 4
+
+
+TWO_OBJECTIVES = {
+    "metric": None,
+    "mode": None,
+    "objectives": [{"metric": "val/accuracy", "mode": "max"}, {"metric": "val/time_mae_hours", "mode": "min"}],
+    "champion": {"best": "val/accuracy", "within": {"val/time_mae_hours": 0.5}},
+}
 
 
 @pytest.mark.parametrize(
@@ -67,11 +78,48 @@ def test_shipped_spaces_are_valid(name):
         ({"space": {"head": {"choice": ["mlp", 2]}}}, "space.head: choice 2 is not a string"),
         ({"space": {"head": {"uniform": [0, 1]}}}, "space.head: uniform samples numbers, and head is a string"),
         ({"space": {"epochs": {"uniform": [1, 4]}}}, "space.epochs: uniform samples numbers, and epochs is a whole"),
+        ({"objectives": [{"metric": "val/accuracy"}]}, "either metric and mode, or objectives, not both"),
+        ({"warm_start": 3}, "warm_start must be {epochs: N, fixed: {SETTING: VALUE, ...}}"),
+        ({"warm_start": {"epochs": 0}}, "warm_start.epochs is 0, not a whole number >= 1"),
+        ({"warm_start": {"epochs": 1, "fixed": {"lrr": 1}}}, "warm_start.fixed.lrr is not a cliptime task or"),
+        ({"warm_start": {"epochs": 1, "fixed": {"frames": 5}}}, "warm_start.fixed.frames: the warm start trains on"),
+        ({"warm_start": {"epochs": 1, "fixed": {"lr": "high"}}}, "warm_start.fixed.lr is 'high', not a number"),
+        (
+            {"warm_start": {"epochs": 1}, "space": {"templates": {"choice": ["generic", "detailed"]}}},
+            "space.templates decides the data, which one warm start cannot serve",
+        ),
+        ({"warm_start": {"epochs": 1}, "fixed": {"init_from": "/ckpt"}}, "init_from is what warm_start sets"),
+        ({**TWO_OBJECTIVES, "objectives": []}, "objectives must be a non-empty list"),
+        ({**TWO_OBJECTIVES, "objectives": [{"metric": "train/loss"}]}, "objectives[0] metric 'train/loss' must be"),
+        ({**TWO_OBJECTIVES, "objectives": [{"metric": "val/a", "mode": "up"}]}, "objectives[0] mode 'up' must be"),
+        ({**TWO_OBJECTIVES, "objectives": [{"metric": "val/a"}, {"metric": "val/a"}]}, "objectives[1] metric val/a is"),
+        ({**TWO_OBJECTIVES, "objectives": ["val/a"]}, "objectives[0] must be {metric: val/..., mode: max|min}"),
+        ({**TWO_OBJECTIVES, "scheduler": {"type": "asha"}}, "a multi-objective sweep needs {type: fifo}"),
+        ({**TWO_OBJECTIVES, "champion": {"best": "val/loss"}}, "champion.best 'val/loss' is not one of the objectives"),
+        ({**TWO_OBJECTIVES, "champion": {"top": "val/accuracy"}}, "champion must be {best: METRIC"),
+        (
+            {**TWO_OBJECTIVES, "champion": {"best": "val/accuracy", "within": {"val/accuracy": 0.1}}},
+            "champion.within.val/accuracy must be another of the objectives",
+        ),
+        (
+            {**TWO_OBJECTIVES, "champion": {"best": "val/accuracy", "within": {"val/time_mae_hours": -1}}},
+            "champion.within.val/time_mae_hours is -1, not a margin >= 0",
+        ),
     ],
 )
 def test_malformed_space_names_the_key(tmp_path, overrides, named):
     with pytest.raises(CliptimeError, match=re.escape(named)):
         load_spec(write_spec(tmp_path, **overrides))
+
+
+def test_a_multi_objective_space_parses_into_objectives_and_a_champion_rule(tmp_path):
+    spec = load_spec(write_spec(tmp_path, **TWO_OBJECTIVES, scheduler=None))
+    assert spec.multi_objective and spec.scheduler == {"type": "fifo"}  # every trial runs to its end
+    assert spec.objectives == [("val/accuracy", "max"), ("val/time_mae_hours", "min")]
+    assert spec.rule == ChampionRule("accuracy", "max", (("time_mae_hours", "min", 0.5),))
+    assert (spec.metric, spec.mode) == ("val/accuracy", "max")
+    single = load_spec(write_spec(tmp_path))
+    assert not single.multi_objective and single.rule == ChampionRule("accuracy", "max")
 
 
 def test_malformed_space_fails_before_ray_starts(tmp_path, capsys):
@@ -107,16 +155,17 @@ def test_bad_yaml_is_named(tmp_path):
 def test_a_sweep_makes_its_data_once_registers_the_best_and_sets_champion(
     ray_session, empty_store, monkeypatch, tmp_path
 ):
-    """Two trials of the toy task (its answer is known), then the best one's test: all on data made once on the
-    driver (each block generated once); a parent run with a child per trial; the champion alias."""
+    """Two trials of the toy task (its answer is known) searched on two objectives, then the trial the champion
+    rule picks is tested: all on data made once on the driver (each block generated once); a parent run with a
+    child per trial, the Pareto front as a table and a plot; the champion alias. Then a one-objective sweep."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
     log = tmp_path / "generated.log"
     path = tmp_path / "toy.yaml"
     spec = {
         "task": "tests.toy_task:ToyTask",
-        "metric": "val/accuracy",
+        "objectives": [{"metric": "val/accuracy", "mode": "max"}, {"metric": "val/ce", "mode": "min"}],
+        "champion": {"best": "val/accuracy", "within": {"val/ce": 0.05}},
         "num_samples": 2,
-        "scheduler": {"type": "fifo"},
         "fixed": {"epochs": 3, "generate_log": str(log)},
         "space": {"hidden": {"choice": [8, 16]}, "lr": {"loguniform": [0.005, 0.02]}},
     }
@@ -130,20 +179,50 @@ def test_a_sweep_makes_its_data_once_registers_the_best_and_sets_champion(
     parent = client.get_run(result["run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
     assert len(children) == 2
-    assert all(client.get_metric_history(c.info.run_id, "val/accuracy") for c in children)
+    last = {  # each trial's final validation figures, as its child run holds them
+        c.info.run_name: {m: c.data.metrics[f"val/{m}"] for m in ("accuracy", "ce")} for c in children
+    }
+    # The table holds every trial's objectives; the front is the trials no other beats on both; the chosen one
+    # has the best accuracy among those whose cross-entropy is within 0.05 of the best.
+    table = json.loads((Path(client.download_artifacts(result["run_id"], "pareto_front.json"))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    by_run = {name: next(r for r in rows if r["trial"] in name) for name in last}
+    for name, row in by_run.items():
+        assert (row["val/accuracy"], row["val/ce"]) == pytest.approx((last[name]["accuracy"], last[name]["ce"]))
+        beaten = any(
+            o["accuracy"] >= last[name]["accuracy"] and o["ce"] <= last[name]["ce"] and o != last[name]
+            for o in last.values()
+        )
+        assert row["pareto_front"] == (not beaten)
+    (chosen,) = [name for name, row in by_run.items() if row["chosen"]]
+    near = [n for n in last if last[n]["ce"] <= min(o["ce"] for o in last.values()) + 0.05]
+    assert chosen in near and last[chosen]["accuracy"] == max(last[n]["accuracy"] for n in near)
+    assert by_run[chosen]["hidden"] == result["best_config"]["hidden"]
+    assert sorted(result["pareto_front"]) == sorted(r["trial"] for r in rows if r["pareto_front"])
     plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
-    assert "plots/optuna_history.png" in plots
+    assert "plots/pareto_front.png" in plots
     version = client.get_model_version("toy", result["model_version"])
-    # the test score the champion is judged on, under the test data's fingerprint; no champion was there before
-    assert float(version.tags[f"test.{result['test_data']}.accuracy"]) == result["test_metrics"]["accuracy"]
+    # the test scores the champion is judged on, under the test data's fingerprint; no champion was there before
+    for m in ("accuracy", "ce"):
+        assert float(version.tags[f"test.{result['test_data']}.{m}"]) == result["test_metrics"][m]
+    assert json.loads(version.tags["champion_rule"]) == spec["champion"]
     assert version.tags["champion_before"] == "none" and result["champion_test_before"] is None
 
-    # The same sweep again: registered as a new version, judged against the champion on the same test data.
-    path.write_text(yaml.safe_dump({**spec, "num_samples": 1}))
+    # One objective, trials started from a warm start: registered as a new version, judged against the champion
+    # on the same test data.
+    one = {**spec, "objectives": [spec["objectives"][0]], "champion": None, "num_samples": 1}
+    path.write_text(yaml.safe_dump({**one, "warm_start": {"epochs": 1, "fixed": {"lr": 0.01}}}))
     again = sweep(str(path), str(tmp_path / "rr"), "test-sweeps")
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{again['run_id']}'")
+    (warm,) = [r for r in runs if r.info.run_name == "warm-start"]
+    (trial,) = [r for r in runs if r.info.run_name != "warm-start"]
+    assert warm.data.params["train.lr"] == "0.01" and warm.data.params["train.epochs"] == "1"
+    started_from = trial.data.params["train.init_from"]
+    assert started_from.startswith(str(tmp_path / "rr" / f"{again['sweep']}-warm-start" / "checkpoint_"))
     assert again["test_data"] == result["test_data"] and again["model_version"] == "2"
-    assert again["champion_test_before"] == result["test_metrics"]["accuracy"]
+    assert again["champion_test_before"] == {"accuracy": result["test_metrics"]["accuracy"]}
     assert again["champion_moved"] == (again["test_metrics"]["accuracy"] > result["test_metrics"]["accuracy"])
+    assert "plots/optuna_history.png" in {a.path for a in client.list_artifacts(again["run_id"], "plots")}
 
 
 @pytest.mark.slow
@@ -186,3 +265,20 @@ def test_a_killed_trial_gives_its_workers_cpus_back(ray_session, tmp_path):
     assert free_cpus() <= before - 1
     ray.kill(trial)
     assert wait_for(lambda: free_cpus() >= before, 60), f"{before - free_cpus()} CPU(s) still reserved"
+
+
+def test_resuming_with_a_changed_file_is_refused_naming_the_keys(tmp_path, empty_store, monkeypatch):
+    """A sweep resumed with another file would judge its trials by other rules than those that ran them."""
+    from dataclasses import asdict
+
+    from cliptime.runtime import Storage
+    from cliptime.tune import SWEEP_RECORD
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store)
+    path = write_spec(tmp_path)
+    started = {**asdict(load_spec(path)), "num_samples": 9, "champion": {"best": "val/loss", "within": {}}}
+    record = {"task": "cliptime", "spec": started, "mlflow_run_id": "0" * 32}
+    Storage(str(tmp_path / "rr")).write("sweep-cliptime-1", SWEEP_RECORD, record)
+    refused = r"--resume sweep-cliptime-1: .*space.yaml is not the file the sweep started with \(champion, num_samples"
+    with pytest.raises(CliptimeError, match=refused):
+        sweep(str(path), str(tmp_path / "rr"), resume="sweep-cliptime-1")
