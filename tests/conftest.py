@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -168,4 +169,9 @@ def ray_stop(*nodes: subprocess.Popen) -> None:
 
 def last_json_line(out: str) -> dict:
     """A job's result, its last JSON line (in-process, Ray's forwarded worker lines may come after it)."""
-    return json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
+    # a progress bar's last redraw (spaces, cursor moves, no newline) can stand in front of it on its line
+    for line in reversed(out.splitlines()):
+        if '{"' in line:
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(line[line.index('{"') :])
+    raise AssertionError(f"no JSON line in the output: {out[-2000:]}")
