@@ -229,12 +229,13 @@ def promote_champion(
         before = None
         if holder is not None:
             tags = client.get_model_version(model, holder).tags
-            if not all(key in tags for key in keys.values()):
+            if all(key in tags for key in keys.values()):
+                before = {m: float(tags[key]) for m, key in keys.items()}
+            else:
                 scored = score(holder)
+                before = {m: float(scored[m]) for m in keys}
                 for m, key in keys.items():
-                    client.set_model_version_tag(model, holder, key, repr(scored[m]))
-                tags = {key: repr(scored[m]) for m, key in keys.items()}
-            before = {m: float(tags[key]) for m, key in keys.items()}
+                    client.set_model_version_tag(model, holder, key, repr(before[m]))
         for _ in range(PROMOTION_ROUNDS):
             best = _best_scored(client, model, keys, rule)
             if champion(client, model) == best:

@@ -88,9 +88,9 @@ def load_newest_intact(run_folder: str, device: str | torch.device, say=print) -
     return None
 
 
-def initial_weights(task: Task, location: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The model weights of checkpoint folder `location` (`--init-from`: a path or a URI), checked against the
-    task's model: a folder that is no checkpoint, or holds a model of another shape, is one line naming it."""
+def initial_weights(location: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The model weights of checkpoint folder `location` (`--init-from`: a path or a URI); a folder that is no
+    checkpoint is one line naming it."""
     if "://" not in location:
         location = str(Path(location).expanduser().resolve())
     fs, path = pyarrow.fs.FileSystem.from_uri(location)
@@ -98,13 +98,19 @@ def initial_weights(task: Task, location: str, device: str | torch.device = "cpu
         state, _ = load_checkpoint(ray.train.Checkpoint(path, fs), device)
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise CliptimeError(f"--init-from {location}: not a readable checkpoint folder ({type(e).__name__})") from None
+    return state["model"]
+
+
+def check_initial_weights(task: Task, location: str) -> None:
+    """`--init-from` checked on the driver before any worker starts: the folder holds a checkpoint of a model of
+    the task's shape (else one line naming it)."""
+    weights = initial_weights(location)
     try:
-        task.build_model(load_pretrained=False).load_state_dict(state["model"])
+        task.build_model(load_pretrained=False).load_state_dict(weights)
     except RuntimeError as e:  # load_state_dict: missing, unexpected or differently shaped weights
         raise CliptimeError(
             f"--init-from {location}: its weights do not fit this {task.name} model ({str(e).splitlines()[0]})"
         ) from None
-    return state["model"]
 
 
 def read_history(checkpoint: ray.train.Checkpoint) -> list[dict]:
@@ -174,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
     elif tc.init_from:
-        module.load_state_dict(initial_weights(task, tc.init_from, device))
+        module.load_state_dict(initial_weights(tc.init_from, device))  # its shape checked by `fit`
 
     amp = tc.use_gpu and tc.amp
     amp_dtype = getattr(torch, tc.amp_dtype)
@@ -279,7 +285,7 @@ def fit(
     messages = messages or Messages()
     _, resumed_from = checkpoint_folders(joined(storage_path, name))
     if tc.init_from and not resumed_from:  # a wrong folder fails here in one line, not in every worker
-        initial_weights(task, tc.init_from)
+        check_initial_weights(task, tc.init_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -181,20 +181,12 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise CliptimeError(f"{path}: task {raw.get('task')!r} is not a known task") from None
     objectives = _objectives(path, raw, cls)
     champion = _champion_rule(path, raw.get("champion"), objectives)
-    names = {f.name for f in dataclasses.fields(cls.Config)} | {f.name for f in dataclasses.fields(TrainConfig)}
-    for section in ("fixed", "space"):
-        if not isinstance(raw.get(section, {}), dict):
-            raise CliptimeError(f"{path}: {section} must be a mapping of setting names")
-        bad = sorted(set(raw.get(section, {})) - names)
-        if bad:
-            raise CliptimeError(f"{path}: {section}.{bad[0]} is not a {cls.name} task or training setting")
     types = setting_types(cls.Config) | setting_types(TrainConfig)
-    for name, value in raw.get("fixed", {}).items():
-        if not fits(types[name], value):
-            raise CliptimeError(f"{path}: fixed.{name} is {value!r}, not a {type_name(types[name])}")
+    _check_settings(path, "fixed", raw.get("fixed", {}), types, cls)
+    _check_settings(path, "space", raw.get("space", {}), types, cls, typed=False)  # distributions, checked below
     warm_start = raw.get("warm_start") or {}
     if warm_start:
-        _check_warm_start(path, warm_start, raw, names, types, cls)
+        _check_warm_start(path, warm_start, raw, types, cls)
     for name, dist in raw.get("space", {}).items():
         _check_distribution(path, name, dist, types[name])
         if name in cls.data_fields and "choice" not in dist:
@@ -226,7 +218,20 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def _check_warm_start(path: Path, warm: Any, raw: dict, names: set[str], types: dict, cls: type[Task]) -> None:
+def _check_settings(path: Path, section: str, settings: Any, types: dict, cls: type[Task], typed: bool = True) -> None:
+    """A section of settings (`fixed`, `space`, `warm_start.fixed`): a mapping whose keys are the task's or
+    training's settings (`types`: each setting's type) and, when `typed`, whose values are of their types."""
+    if not isinstance(settings, dict):
+        raise CliptimeError(f"{path}: {section} must be a mapping of setting names")
+    unknown = sorted(set(settings) - set(types))
+    if unknown:
+        raise CliptimeError(f"{path}: {section}.{unknown[0]} is not a {cls.name} task or training setting")
+    for name, value in settings.items() if typed else ():
+        if not fits(types[name], value):
+            raise CliptimeError(f"{path}: {section}.{name} is {value!r}, not a {type_name(types[name])}")
+
+
+def _check_warm_start(path: Path, warm: Any, raw: dict, types: dict, cls: type[Task]) -> None:
     """`warm_start: {epochs: N, fixed: {...}}`: a whole number of epochs, settings of the task or training; the
     trials then all load its weights, so none may choose the data (or set where to start from itself)."""
     if not isinstance(warm, dict) or set(warm) - {"epochs", "fixed"} or "epochs" not in warm:
@@ -234,15 +239,10 @@ def _check_warm_start(path: Path, warm: Any, raw: dict, names: set[str], types: 
     if isinstance(warm["epochs"], bool) or not isinstance(warm["epochs"], int) or warm["epochs"] < 1:
         raise CliptimeError(f"{path}: warm_start.epochs is {warm['epochs']!r}, not a whole number >= 1")
     fixed = warm.get("fixed", {})
-    if not isinstance(fixed, dict):
-        raise CliptimeError(f"{path}: warm_start.fixed must be a mapping of setting names")
-    for name, value in fixed.items():
-        if name not in names:
-            raise CliptimeError(f"{path}: warm_start.fixed.{name} is not a {cls.name} task or training setting")
+    _check_settings(path, "warm_start.fixed", fixed, types, cls)
+    for name in fixed:
         if name in cls.data_fields or name == "epochs":
             raise CliptimeError(f"{path}: warm_start.fixed.{name}: the warm start trains on the trials' data")
-        if not fits(types[name], value):
-            raise CliptimeError(f"{path}: warm_start.fixed.{name} is {value!r}, not a {type_name(types[name])}")
     chooses_data = [k for k in raw.get("space", {}) if k in cls.data_fields]
     if chooses_data:
         raise CliptimeError(f"{path}: space.{chooses_data[0]} decides the data, which one warm start cannot serve")
@@ -378,18 +378,35 @@ def _trial(
     task.check()
     mlflow.set_tracking_uri(uri)
     trial = tune.get_context().get_trial_name()
+    _fit_child(data, task, tc, f"{sweep}-{trial}", trial, uri, parent, experiment, [TuneReportCallback()])
+
+
+def _fit_child(
+    data: PreparedData,
+    task: Task,
+    tc: TrainConfig,
+    run: str,
+    child_name: str,
+    uri: str,
+    parent: str,
+    experiment: str,
+    callbacks: list,
+) -> ray.train.Result:
+    """Train `task` on the sweep's prepared `data` as Ray Train run `run` (under `tc.storage_path`), each epoch
+    logged to the sweep's child run `child_name` (found again on a resume), which is closed when it is done."""
     client = MlflowClient(uri)
-    child = _child_run(client, tracking.experiment_id(client, experiment), parent, trial, task, tc)
-    train.fit(
+    child = _child_run(client, tracking.experiment_id(client, experiment), parent, child_name, task, tc)
+    result = train.fit(
         task,
         tc,
         training_datasets(data, task, tc.seed),
         steps_per_epoch(data, tc.batch_size),
-        f"{sweep}-{trial}",
-        storage_path,
-        [tracking.EpochLogger(uri, child), TuneReportCallback()],
+        run,
+        tc.storage_path,
+        [tracking.EpochLogger(uri, child), *callbacks],
     )
     client.set_terminated(child)
+    return result
 
 
 def _changed_keys(now: dict, then: dict) -> list[str]:
@@ -400,29 +417,22 @@ def _changed_keys(now: dict, then: dict) -> list[str]:
 
 
 def _warm_start(
-    spec: SweepSpec, data: PreparedData, storage: Storage, sweep: str, uri: str, parent: str, experiment: str
+    spec: SweepSpec,
+    prepared: dict[tuple, PreparedData],
+    storage: Storage,
+    sweep: str,
+    uri: str,
+    parent: str,
+    experiment: str,
 ) -> str:
     """Train the sweep's warm-start model (its own child run, `warm-start`) and return its last checkpoint's
     location, which every trial starts from. A resumed sweep continues an unfinished warm start."""
-    task_settings, tc = spec.settings(
-        {**spec.warm_start["fixed"], "epochs": spec.warm_start["epochs"]}, storage.uri, experiment
-    )
-    task = data.task.replace(**{k: v for k, v in task_settings.items() if k not in spec.task_cls.data_fields})
-    client = MlflowClient(uri)
-    child = _child_run(client, tracking.experiment_id(client, experiment), parent, "warm-start", task, tc)
+    settings = {**spec.warm_start["fixed"], "epochs": spec.warm_start["epochs"]}
+    data, task, tc = trial_setup(spec, settings, prepared, storage.uri, experiment)
     run = f"{sweep}-warm-start"
-    result = train.fit(
-        task,
-        tc,
-        training_datasets(data, task, tc.seed),
-        steps_per_epoch(data, tc.batch_size),
-        run,
-        storage.uri,
-        [tracking.EpochLogger(uri, child)],
-    )
+    result = _fit_child(data, task, tc, run, "warm-start", uri, parent, experiment, [])
     if result.checkpoint is None:
         raise CliptimeError(f"the warm start of sweep {sweep} left no checkpoint under {joined(storage.uri, run)}")
-    client.set_terminated(child)
     return joined(storage.uri, f"{run}/{Path(result.checkpoint.path).name}")
 
 
@@ -617,7 +627,7 @@ def sweep(
         if spec.warm_start:
             record = storage.read(name, SWEEP_RECORD)
             if "warm_start" not in record:
-                record["warm_start"] = _warm_start(spec, prepared[()], storage, name, uri, parent, experiment)
+                record["warm_start"] = _warm_start(spec, prepared, storage, name, uri, parent, experiment)
                 storage.write(name, SWEEP_RECORD, record)
             # the trials, and the best one's test, rebuild their settings from the spec: it carries the weights
             spec = dataclasses.replace(spec, fixed={**spec.fixed, "init_from": record["warm_start"]})

@@ -198,14 +198,15 @@ def test_a_version_of_the_older_format_loads_from_its_tensors(tmp_path):
 
 
 def test_init_from_a_checkpoint_of_another_shape_or_no_checkpoint_is_one_line(toy_run, tmp_path):
-    from cliptime.train import initial_weights
+    from cliptime.train import check_initial_weights, initial_weights
 
     result, task, *_ = toy_run
-    assert set(initial_weights(task, result.checkpoint)) == set(task.build_model().state_dict())
+    assert set(initial_weights(result.checkpoint)) == set(task.build_model().state_dict())
+    check_initial_weights(task, result.checkpoint)
     with pytest.raises(CliptimeError, match=r"^--init-from .*: its weights do not fit this toy model \(Error"):
-        initial_weights(ToyTask(ToyConfig(hidden=32)), result.checkpoint)
+        check_initial_weights(ToyTask(ToyConfig(hidden=32)), result.checkpoint)
     with pytest.raises(CliptimeError, match=rf"^--init-from {tmp_path}: not a readable checkpoint folder"):
-        initial_weights(task, str(tmp_path))
+        check_initial_weights(task, str(tmp_path))
 
 
 @pytest.mark.slow
