@@ -1,4 +1,4 @@
-"""Data-path throughput per CPU core at the sizes users train at: decode, augment and batch-to-tensor in Ray Data.
+"""Data-path throughput per CPU core at the sizes users train at: decode and batch-to-tensor in Ray Data, augment.
 
     python benchmarks/ingest.py                    # 224-px images, photos, 10-s 48-kHz clips; Ray with 1, then 2 CPUs
     python benchmarks/ingest.py --cpus 1 --sequences 7 --frames 4 --pairs 4 --photos 14 --repeats 1   # seconds
@@ -14,9 +14,11 @@ as shards, before anything is timed:
 Each process then times, per data set, the project's own path:
   decode: `cliptime.pipeline.prepare` (every shard checked, read, decoded by the task's `preprocessor()`,
           materialized), rows of all splits over its wall time;
-  epoch:  `cliptime.pipeline.training_datasets` (block shuffle, the task's `augmenter()`) read as a training worker
-          reads it (`iter_torch_batches` with cliptime.train's local shuffle buffer), train rows over the epoch's
-          wall time, from creating the iterator to its last batch.
+  epoch:  `cliptime.pipeline.training_datasets` (block shuffle) read as a training worker reads it
+          (`iter_torch_batches` with cliptime.train's local shuffle buffer), train rows over the epoch's wall time,
+          from creating the iterator to its last batch, the augmentation's time left out;
+  augment: the task's `train_transform`, which the training step runs on its device, timed on each epoch batch on
+          the device the batches go to (here the CPU: what a CPU-only worker pays; a GPU pays a fraction of it).
 Steady state: Ray starts before the clock, and one untimed `prepare` and one untimed epoch come first (Ray Data's
 workers start and import the task's modules). Epochs are timed whole, not from their first batch: the first batch
 waits for the shuffle buffer (8 batches) to fill, so timing from it would count rows made before the clock started.
@@ -118,10 +120,10 @@ def time_kind(task, repeats: int, batch_size: int, device: str) -> dict:
         data = prepare(task)
         decode_seconds.append(time.perf_counter() - started)
     steps_per_epoch(data, batch_size)  # at least one batch, or the error that says so
-    train = training_datasets(data, data.task, seed=0)["train"]
-    epoch_seconds, consumer_cpu_seconds, train_rows = [], [], 0
+    train = training_datasets(data, seed=0)["train"]
+    epoch_seconds, consumer_cpu_seconds, augment_seconds, train_rows = [], [], [], 0
     for epoch in range(repeats + 1):
-        started, cpu_started, train_rows = time.perf_counter(), time.process_time(), 0
+        started, cpu_started, train_rows, augmenting = time.perf_counter(), time.process_time(), 0, 0.0
         batches = train.iter_torch_batches(
             batch_size=batch_size,
             device=device,
@@ -131,16 +133,21 @@ def time_kind(task, repeats: int, batch_size: int, device: str) -> dict:
         )
         for batch in batches:
             train_rows += len(next(iter(batch.values())))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        epoch_seconds.append(time.perf_counter() - started)
-        consumer_cpu_seconds.append(time.process_time() - cpu_started)
+            augment_started = time.perf_counter()
+            data.task.train_transform(batch)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            augmenting += time.perf_counter() - augment_started
+        epoch_seconds.append(time.perf_counter() - started - augmenting)
+        consumer_cpu_seconds.append(time.process_time() - cpu_started - augmenting)
+        augment_seconds.append(augmenting)
     return {
         "rows": sum(data.rows.values()),
         "train_rows": train_rows,
         "decode_seconds": decode_seconds[1:],
         "epoch_seconds": epoch_seconds[1:],
         "consumer_cpu_seconds": consumer_cpu_seconds[1:],
+        "augment_seconds": augment_seconds[1:],
         "warmup_seconds": {"decode": decode_seconds[0], "epoch": epoch_seconds[0]},
     }
 
@@ -173,7 +180,8 @@ def measure(work: Path, cpus: int, args: argparse.Namespace) -> dict:
 def summarize(timed: dict, cpus: int) -> dict:
     """Items per second (all, per core) of each timed run: decode, epoch and both; mean, spread and the runs."""
     runs = []
-    for decode_s, epoch_s, cpu_s in zip(timed["decode_seconds"], timed["epoch_seconds"], timed["consumer_cpu_seconds"]):
+    seconds = ("decode_seconds", "epoch_seconds", "consumer_cpu_seconds", "augment_seconds")
+    for decode_s, epoch_s, cpu_s, augment_s in zip(*(timed[k] for k in seconds)):
         rates = {"decode": timed["rows"] / decode_s, "epoch": timed["train_rows"] / epoch_s}
         rates["decode_and_epoch"] = 1 / (1 / rates["decode"] + 1 / rates["epoch"])
         runs.append(
@@ -181,6 +189,7 @@ def summarize(timed: dict, cpus: int) -> dict:
                 **{f"{k}_per_second": v for k, v in rates.items()},
                 **{f"{k}_per_second_per_core": v / cpus for k, v in rates.items()},
                 "consumer_cpu_ms_per_item": 1000 * cpu_s / timed["train_rows"],
+                "augment_ms_per_item": 1000 * augment_s / timed["train_rows"],
             }
         )
     return {"cpus": cpus, **timed, **over_seeds(runs)}
@@ -216,10 +225,11 @@ def markdown(payload: dict) -> str:
                         mean_std(r["epoch_per_second_per_core"], 0),
                         mean_std(r["decode_and_epoch_per_second_per_core"], 0),
                         mean_std(r["consumer_cpu_ms_per_item"], 2),
+                        mean_std(r["augment_ms_per_item"], 2),
                     ]
                 )
     header = ["data", "Ray CPUs", "rows", "batch", "decode items/s", "per core", "epoch items/s", "per core"]
-    header += ["decode + epoch, per core", "reader CPU ms/item"]
+    header += ["decode + epoch, per core", "reader CPU ms/item", f"augment on {payload['device']}, ms/item"]
     summary = [
         [
             kind,
@@ -239,7 +249,8 @@ def markdown(payload: dict) -> str:
             f"Data: {payload['data']}",
             "",
             "Items per second through `prepare` (decode), a training epoch (`training_datasets` -> "
-            "`iter_torch_batches`: block shuffle, augment, local shuffle, tensors) and both (an item's whole cost); "
+            "`iter_torch_batches`: block shuffle, local shuffle, tensors) and both (an item's whole cost); the "
+            "training step's augmentation (`train_transform`) on the batches' device beside; "
             f"means ± standard deviation over {payload['repeats']} timed runs after an untimed one.",
             "",
             markdown_table(header, rows),

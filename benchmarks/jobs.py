@@ -5,12 +5,14 @@ check its targets on the mean over the seeds.
     python benchmarks/jobs.py --task cliptime          # one job; extra job flags after `--`
     python benchmarks/jobs.py --task tclap --seeds 0   # one run (an anecdote: quality figures are over seeds)
 
-Targets, with no arguments on a 2-core CPU machine (issues #2, #3 and #16):
+Targets, with no arguments on a 2-core CPU machine (issues #16, #17 and #19):
 - CLIPTime, judged on the image alone (a stage-neutral caption): whole job <= 15 min; image-only accuracy >= 0.98
   and >= 0.95 on grayscale test images; image-only time MAE <= 2% of the time range; Spearman rho of predicted
   and true time >= 0.8 within the spore stage and >= 0.9 within hyphae and mycelium.
-- T-CLAP: whole job (with its lambda-0 baseline) <= 20 min; T-Classify >= 0.90 both ways while the baseline stays
-  near chance; zero-shot accuracy no more than 2 points below the baseline's.
+- T-CLAP: whole job (with its lambda-0 baseline) <= 20 min; T-Classify >= 0.95 both ways while the baseline stays
+  near chance; >= 0.90 on held-out phrasings; zero-shot accuracy at least the baseline's.
+- Both: at most 10% of the job outside training steps (the job's JSON `seconds`: Ray start, data, per-epoch
+  validation, test, registration).
 Results go to benchmarks/results/jobs-<tasks>-<date>.json and .md with the command, the machine and the date:
 each metric's mean and standard deviation over the seeds, and every run's own figures.
 """
@@ -22,7 +24,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import COLUMNS, RESULTS, machine, markdown_table, mean_std, over_seeds, run_job, today, write_results
+from common import COLUMNS, RESULTS, machine, markdown_table, mean_std, over_seeds, run_script, today, write_results
 
 from cliptime.tasks.cliptime import CLIPTimeConfig
 
@@ -36,9 +38,11 @@ MODELS = {
 
 
 def targets(task: str, seconds: float, m: dict) -> dict[str, bool]:
+    overhead = {"overhead <= 10% of the job": m["overhead"] <= 0.10}
     if task == "cliptime":
         return {
             "job <= 15 min": seconds <= 15 * 60,
+            **overhead,
             "image-only accuracy >= 0.98": m["test/accuracy_image_only"] >= 0.98,
             "grayscale accuracy >= 0.95": m["test/accuracy_grayscale"] >= 0.95,
             f"image-only time MAE <= 2% of the range ({0.02 * HOURS:.2f} h)": m["test/time_mae_hours_image_only"]
@@ -49,14 +53,16 @@ def targets(task: str, seconds: float, m: dict) -> dict[str, bool]:
         }
     return {
         "job <= 20 min": seconds <= 20 * 60,
-        "T-Classify a2t >= 0.90": m["test/tclassify_a2t"] >= 0.90,
-        "T-Classify t2a >= 0.90": m["test/tclassify_t2a"] >= 0.90,
+        **overhead,
+        "T-Classify a2t >= 0.95": m["test/tclassify_a2t"] >= 0.95,
+        "T-Classify t2a >= 0.95": m["test/tclassify_t2a"] >= 0.95,
+        "held-out phrasing a2t >= 0.90": m.get("test/tclassify_a2t_heldout_phrasing", 0) >= 0.90,
+        "held-out phrasing t2a >= 0.90": m.get("test/tclassify_t2a_heldout_phrasing", 0) >= 0.90,
         "baseline T-Classify near chance (<= 0.65 both ways)": max(
             m["baseline/test/tclassify_a2t"], m["baseline/test/tclassify_t2a"]
         )
         <= 0.65,
-        "zero-shot within 2 points of baseline": m["test/zeroshot_accuracy"]
-        >= m["baseline/test/zeroshot_accuracy"] - 0.02,
+        "zero-shot at least the baseline's": m["test/zeroshot_accuracy"] >= m["baseline/test/zeroshot_accuracy"],
     }
 
 
@@ -64,9 +70,11 @@ def add_run(result: dict, seed: int) -> None:
     """Run the job of `result` once more, with `--seed seed`, and update its summary over seeds and its targets."""
     task, extra = result["task"], result["flags"]
     with tempfile.TemporaryDirectory() as tmp:
-        seconds, metrics = run_job(JOBS[task], [*extra, "--seed", str(seed)], Path(tmp))
+        seconds, job = run_script(JOBS[task], [*extra, "--seed", str(seed)], Path(tmp))
+    # the share of the job's own time (its JSON line) outside training steps
+    metrics = {**job["metrics"], "overhead": 1 - job["seconds"]["training"] / job["seconds"]["total"]}
     result["seeds"].append(seed)
-    result["runs"].append({"seed": seed, "seconds": round(seconds), "metrics": metrics})
+    result["runs"].append({"seed": seed, "seconds": round(seconds), "job_seconds": job["seconds"], "metrics": metrics})
     result["summary"] = over_seeds([{"seconds": r["seconds"], **r["metrics"]} for r in result["runs"]])
     means = {name: stat["mean"] for name, stat in result["summary"].items()}
     result["targets"] = {  # judged on the means; how many runs met each on their own beside it
@@ -82,7 +90,7 @@ def markdown(rows: list[dict], when: str, where: str) -> str:
         out += [f"## {r['task']}: `{r['command']}`, seeds {' '.join(map(str, r['seeds']))}", ""]
         lines = []
         for name, stat in r["summary"].items():
-            if name == "seconds" or name.startswith(("test/", "baseline/")):
+            if name in ("seconds", "overhead") or name.startswith(("test/", "baseline/")):
                 digits = 0 if name == "seconds" else 3
                 lines.append([name, mean_std(stat, digits), *(f"{v:.{digits}f}" for v in stat["values"])])
         out += [markdown_table(["metric", "mean ± std", *(f"seed {s}" for s in r["seeds"])], lines), ""]

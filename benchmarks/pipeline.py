@@ -5,7 +5,7 @@
 
 For the same model, batch size and number of steps, training samples per second of
   (a) the training step alone, on batches already in memory (the ceiling);
-  (b) a plain PyTorch DataLoader (one loader process) over the same Parquet shards, decoding and augmenting;
+  (b) a plain PyTorch DataLoader (one loader process) over the same Parquet shards, decoding;
   (c) the project's path: Ray Data -> TorchTrainer (`cliptime.train.fit`), the reported `samples_per_second`
       of its last epoch.
 Each uses the worker's CPU reservation (`--cpus-per-worker`, 2) as torch threads. The three run back to back in
@@ -69,20 +69,18 @@ def timed(step, batches, steps: int, warmup: int = WARMUP) -> float:
 
 
 def shard_batches(task, data_dir: Path, batch_size: int):
-    """A torch IterableDataset over the train shards: read, decode, augment, as a DataLoader would."""
+    """A torch IterableDataset over the train shards: read and decode, as a DataLoader would."""
     import pyarrow.parquet as pq
     import torch
 
     class ShardBatches(torch.utils.data.IterableDataset):
         def __iter__(self):
-            decode, augment = task.preprocessor(), task.augmenter()
+            decode = task.preprocessor()
             while True:  # as many epochs as the benchmark asks for
                 for path in sorted((data_dir / "train").glob("*.parquet")):
                     for rows in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
                         columns = zip(rows.schema.names, rows.columns)
                         batch = decode({k: v.to_numpy(zero_copy_only=False) for k, v in columns})
-                        if augment is not None:
-                            batch = augment(batch)
                         if len(batch[next(iter(batch))]) == batch_size:
                             yield {k: torch.as_tensor(v) for k, v in batch.items()}
 
@@ -112,7 +110,7 @@ def bench(task_name: str, steps: int, cpus: int, scale: float, batch_size: int, 
         )
         data = prepare(make_task(task_name, {"data": str(data_dir)}))
         task = data.task
-        datasets = training_datasets(data, task, tc.seed)
+        datasets = training_datasets(data, tc.seed)
         epoch_steps = steps_per_epoch(data, tc.batch_size)
         steps = max(1, min(steps, epoch_steps - WARMUP))
 

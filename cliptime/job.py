@@ -110,7 +110,7 @@ def fit_and_test(
     result = train.fit(
         task,
         tc,
-        training_datasets(data, task, tc.seed),
+        training_datasets(data, tc.seed),
         steps,
         name,
         storage.uri,

@@ -1,10 +1,10 @@
 """From a task's data to what its training workers read: prepared once, viewed per run.
 
     shards (checked) or the task's generator -> decode once (map_batches, materialized)  = PreparedData
-      -> per run: the train split shuffled by block and augmented anew each epoch        = training_datasets
+      -> per run: the train split in a new block order each epoch                        = training_datasets
 
 A sweep prepares its data once on the driver and hands the prepared splits to every trial; each trial only adds
-its own shuffling and augmentation, which are lazy.
+its own shuffling, which is lazy. Random augmentation runs on the training device (`Task.train_transform`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ class PreparedData:
 def test_fingerprint(task: Task) -> str:
     """A short hash that changes whenever the test split would: the task's settings that shape the data (the
     shard folder's path aside), and, for shards, the bytes of the test shards. Generated data follow from the
-    settings alone."""
+    settings and the generator's encoding."""
     settings = {f: getattr(task.cfg, f) for f in task.data_fields if f != "data"}
+    if task.data_format and not task.cfg.data:
+        settings["data_format"] = task.data_format
     digest = hashlib.sha256(json.dumps({"task": task.name, **settings}, sort_keys=True, default=str).encode())
     if task.cfg.data:
         fs, root = file_system(task.cfg.data)
@@ -52,7 +54,7 @@ def prepare(task: Task) -> PreparedData:
     converted shard folder, which the run's record, the model card and the test fingerprint then name."""
     if task.cfg.data:
         shards = shard_folder(task)  # WebDataset tar shards: their conversion, made once
-        raw, manifest = open_shards(shards, task.name, task.schema)
+        raw, manifest = open_shards(shards, task.name, task.schema, rows_per_block=DECODE_BATCH)
         task = task.resolved(manifest).replace(data=shards)
     else:
         raw = task.generate()
@@ -72,14 +74,10 @@ def steps_per_epoch(data: PreparedData, batch_size: int) -> int:
     return steps
 
 
-def training_datasets(data: PreparedData, task: Task, seed: int) -> dict[str, ray.data.Dataset]:
-    """The datasets a run's workers read: the train split in a new seeded block order each epoch, augmented by
-    `task` (the run's own settings); the validation split as prepared.
+def training_datasets(data: PreparedData, seed: int) -> dict[str, ray.data.Dataset]:
+    """The datasets a run's workers read: the train split in a new seeded block order each epoch; the validation
+    split as prepared.
 
     Rows are further mixed by each worker's local shuffle buffer (see cliptime.train): a batch mixes many
     sequences and pairs without the cost of a global shuffle."""
-    train = data.splits["train"].randomize_block_order(seed=seed)
-    augment = task.augmenter()
-    if augment is not None:
-        train = train.map_batches(augment, batch_format="numpy")
-    return {"train": train, "val": data.splits["val"]}
+    return {"train": data.splits["train"].randomize_block_order(seed=seed), "val": data.splits["val"]}

@@ -399,7 +399,7 @@ def _fit_child(
     result = train.fit(
         task,
         tc,
-        training_datasets(data, task, tc.seed),
+        training_datasets(data, tc.seed),
         steps_per_epoch(data, tc.batch_size),
         run,
         tc.storage_path,

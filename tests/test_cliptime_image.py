@@ -158,3 +158,23 @@ def test_training_recolouring_turns_hues_and_grays_and_keeps_brightness():
     red[..., 0] = 200
     hues = rgb_to_hsv(recolour_for_training(red, 0.5, 0.0).numpy() / 255)[..., 0].flatten()
     assert all(((hues >= lo) & (hues < lo + 1 / 3)).sum() > 50 for lo in (0, 1 / 3, 2 / 3))
+
+
+def test_training_turns_and_flips_each_image_to_one_of_the_eight_symmetries_and_drops_a_share_of_captions():
+    """The on-device augmentation of a training step: every image comes out as one of the square's eight
+    symmetries of itself, all eight about equally often, and about `caption_dropout` of the rows get the
+    stage-neutral caption's tokens, the others keep their own."""
+    torch.manual_seed(0)
+    task = CLIPTimeTask(CLIPTimeTask.Config(caption_dropout=0.5, hue_jitter=0.0, grayscale_fraction=0.0))
+    one = torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4, 1).expand(1, 4, 4, 3)  # no symmetry of its own
+    symmetries = [torch.rot90(im, k, dims=(0, 1)) for im in (one[0], one[0].flip(1)) for k in range(4)]
+    n = 1600
+    tokens = tokenizer_for(task.cfg.model)(["spores on agar"] * n)
+    out = task.train_transform({"image": one.expand(n, 4, 4, 3).clone(), "tokens": tokens.clone()})
+    which = [next(i for i, s in enumerate(symmetries) if torch.equal(im, s)) for im in out["image"]]
+    counts = np.bincount(which, minlength=8)
+    assert counts.min() > n / 8 * 0.75, counts  # each symmetry near 200 of 1600
+    neutral = tokenizer_for(task.cfg.model)([NEUTRAL_CAPTION])[0]
+    dropped = (out["tokens"] == neutral).all(1)
+    kept = (out["tokens"] == tokens).all(1)
+    assert bool((dropped | kept).all()) and 0.45 < dropped.float().mean() < 0.55

@@ -262,7 +262,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(ray_session, t
 
     def fit(epochs: int):
         tc = ToyTask.train_config(epochs=epochs, storage_path=str(tmp_path), name="damaged")
-        datasets = training_datasets(data, data.task, tc.seed)
+        datasets = training_datasets(data, tc.seed)
         return train.fit(data.task, tc, datasets, steps_per_epoch(data, tc.batch_size), "damaged", str(tmp_path), [])
 
     before = train.read_history(fit(2).checkpoint)

@@ -34,6 +34,14 @@ def test_shards_and_manifest_round_trip(shard_dir):
     assert not train_sequences & {r["sequence"] for r in rows}
 
 
+def test_shards_are_read_in_blocks_of_about_the_rows_asked_for(shard_dir):
+    """Blocks are the unit of the per-epoch block shuffle and of Ray Data's per-object costs: the 20 train rows in
+    blocks of about 6 (not Ray's default of 200 blocks a read, nor one block per file)."""
+    datasets, _ = open_shards(shard_dir, "cliptime", make_task("cliptime").schema, rows_per_block=6)
+    blocks = [len(rows) for rows in datasets["train"].iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert sum(blocks) == 20 and len(blocks) == 4 and max(blocks) <= 6, blocks
+
+
 def copy_tree(src, dst):
     import shutil
 

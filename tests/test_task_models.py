@@ -34,3 +34,18 @@ def test_every_trainable_parameter_gets_a_gradient(task_name):
     loss, _ = task.loss(model, BATCHES[task_name](torch.Generator().manual_seed(0)))
     loss.backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_tclap_takes_clips_as_16_bit_pcm_as_it_takes_them_as_floats():
+    """The data path ships clips as 16-bit integers; the model reads them as the same waveform in floats (and not
+    as raw numbers 32,767 times louder, which embed otherwise)."""
+    task = make_task("tclap")
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    pcm = (0.1 * torch.randn(2, 32000)).mul(32767).round().to(torch.int16)
+    with torch.no_grad():
+        from_pcm = model.embed_audio(pcm)
+        from_float = model.embed_audio(pcm.float() / 32767)
+        raw_numbers = model.embed_audio(pcm.float())
+    assert torch.allclose(from_pcm, from_float, atol=1e-5)
+    assert not torch.allclose(from_pcm, raw_numbers, atol=1e-3)

@@ -16,12 +16,12 @@ small illumination changes. Deterministic for (seed, sequence index).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cliptime.data.images import encode_image
 from cliptime.errors import CliptimeError
 
 STAGES = ("spore", "hyphae", "mycelium")
@@ -194,12 +194,6 @@ class ColonySequence:
         return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def generate_sequence(
     seed: int,
     index: int,
@@ -218,7 +212,7 @@ def generate_sequence(
         t = i / (frames - 1)
         stage = STAGES[stage_index(t)]
         choices = templates[stage]
-        columns["image"].append(encode_png(colony.frame(t, rng)))
+        columns["image"].append(encode_image(colony.frame(t, rng)))
         columns["stage"].append(stage)
         columns["hours"].append(hours[0] + t * (hours[1] - hours[0]))
         columns["t"].append(t)

@@ -42,6 +42,7 @@ from PIL import Image, ImageOps
 from cliptime.config import option
 from cliptime.data import webdataset
 from cliptime.data.fungal_growth import STAGES, caption_templates
+from cliptime.data.images import encode_image
 from cliptime.data.shards import display, file_system
 from cliptime.data.user_files import BadInput, by_split, read_checked, settle, visible_files
 from cliptime.errors import CliptimeError
@@ -108,14 +109,12 @@ def model_photo(photo: Image.Image, size: int) -> Image.Image:
 
 
 def read_photo(source: str | Path | IO[bytes], size: int) -> tuple[bytes, str]:
-    """(PNG of the photo prepared by `model_photo` at `size`, its raw EXIF DateTimeOriginal or "") of a photo file
-    or its bytes; raises one of UNREADABLE_IMAGE for a photo that cannot be decoded."""
+    """(the shard bytes of the photo prepared by `model_photo` at `size`, its raw EXIF DateTimeOriginal or "") of a
+    photo file or its bytes; raises one of UNREADABLE_IMAGE for a photo that cannot be decoded."""
     with Image.open(source) as photo:
         taken = str(photo.getexif().get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL, "")).strip("\x00 ")
         prepared = model_photo(photo, size)
-    buf = io.BytesIO()
-    prepared.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue(), taken
+    return encode_image(prepared), taken
 
 
 def unreadable_image(e: Exception) -> str:
@@ -123,7 +122,7 @@ def unreadable_image(e: Exception) -> str:
 
 
 class PhotoReader:
-    """Read pass (see cliptime.data.user_files): a photo -> PNG at the model's size and its raw EXIF time."""
+    """Read pass (see cliptime.data.user_files): a photo -> a shard image at the model's size and its raw EXIF time."""
 
     def __init__(self, size: int):
         self.size = size
@@ -179,8 +178,9 @@ def sample_labels(meta: dict[str, Any]) -> dict[str, Any]:
 
 class SamplePhotoReader:
     """Read pass over WebDataset samples (cliptime.data.webdataset): a photo member (jpg, png, webp, ...), a `txt`
-    caption (optional) and a `json` member with its labels (`sample_labels`) -> the photo as PNG at the model's
-    size (`read_photo`) and its labels, or the error that makes the sample bad. Times come from the json only."""
+    caption (optional) and a `json` member with its labels (`sample_labels`) -> the photo as a shard image at the
+    model's size (`read_photo`) and its labels, or the error that makes the sample bad.
+    Times come from the json only."""
 
     def __init__(self, size: int):
         self.size = size

@@ -105,6 +105,12 @@ def order_features(frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
     return (frames * ramp.to(frames.dtype).unsqueeze(-1)).sum(1)
 
 
+def waveform(audio: torch.Tensor) -> torch.Tensor:
+    """Float samples in [-1, 1] of a batch of clips given as 16-bit PCM integers (the data path ships them so: half
+    the bytes of float32 through Ray's object store and to the device) or as floats already."""
+    return audio if audio.is_floating_point() else audio.float() / 32767.0
+
+
 class CLAPEncoder(nn.Module):
     """A CLAP model as two embedders: waveform -> unit vector, token ids -> unit vector, plus a logit scale.
 
@@ -156,6 +162,7 @@ class CLAPEncoder(nn.Module):
         return clap_module().tokenize(texts, context_length=self.context_length)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        audio = waveform(audio)
         x = audio if self.raw_waveform else {"waveform": audio, "longer": torch.zeros(len(audio), dtype=torch.bool)}
         encoded = self.clap.encode_audio(x, device=audio.device)
         features = encoded["embedding"]

@@ -66,6 +66,9 @@ class Task(ABC):
     generated_fields: ClassVar[tuple[str, ...]] = ()
     # settings that decide the prepared (decoded) data: a sweep prepares one data set per combination of them
     data_fields: ClassVar[tuple[str, ...]] = ("data",)
+    # how the generator encodes its items: part of the generated data's test fingerprint, as a new encoding makes
+    # new test data from the same settings
+    data_format: ClassVar[str] = ""
     converters: ClassVar[dict[str, Converter]] = {}  # make_shards subcommand -> reader of users' files
     # The tiny preset of tests and smoke runs: the data-size settings at the least each may shrink to (benchmarks
     # scale the data by them), and the smallest other settings (model widths, image size) that still train.
@@ -115,15 +118,10 @@ class Task(ABC):
 
         Deterministic: it runs once per data set in Ray Data, not in the training step."""
 
-    def augmenter(self) -> Callable[[NumpyBatch], NumpyBatch] | None:
-        """A picklable `map_batches` function for random training augmentation, run each epoch; it should
-        live in a module that imports numpy only (see cliptime.data.augment)."""
-        return None
-
     def train_transform(self, batch: Batch) -> Batch:
-        """Random augmentation of a training batch on the worker's device, just before the loss: for transforms
-        of a few operations per sample (a gain, a mask), which would cost more in moving data than in work as a
-        Ray Data stage (benchmarks/pipeline.py measures both paths)."""
+        """Random augmentation of a training batch on the worker's device, just before the loss. All of a task's
+        augmentation lives here: a few tensor operations per sample cost the device little, while the same work in
+        Ray Data each epoch took most of a CPU's time per item (benchmarks/ingest.py)."""
         return batch
 
     # -- model and loss ------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Shard schema (`CLIPTimeTask.schema`), one row per photo:
 
-    image     binary   PNG (or JPEG) bytes, RGB
+    image     binary   encoded RGB image (cliptime.data.images: JPEG; PNG and others read too)
     stage     string   spore | hyphae | mycelium
     hours     float64  hours since the start of the series
     t         float32  normalized time in [0, 1] over the data set's time range (the regression target)
@@ -24,6 +24,7 @@ colour; the evaluation's image-only, grayscale and hue-shifted accuracies show w
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,7 +43,6 @@ from torch import nn
 
 from cliptime.config import option
 from cliptime.data import timelapse
-from cliptime.data.augment import FlipRotateCaptionDropout
 from cliptime.data.fungal_growth import (
     NEUTRAL_CAPTION,
     STAGES,
@@ -51,6 +51,7 @@ from cliptime.data.fungal_growth import (
     split_of_sequence,
 )
 from cliptime.data.generated import from_generator
+from cliptime.data.images import ENCODING as IMAGE_ENCODING
 from cliptime.errors import CliptimeError
 from cliptime.models.heads import time_head
 from cliptime.models.open_clip_backbone import (
@@ -116,17 +117,26 @@ class CLIPTimeModel(nn.Module):
             if isinstance(getattr(self.backbone, name, None), nn.Parameter):
                 getattr(self.backbone, name).requires_grad_(False)
 
-    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        img = F.normalize(self.backbone.encode_image(x), dim=-1)
-        txt = F.normalize(self.backbone.encode_text(tokens), dim=-1)
+        return F.normalize(self.backbone.encode_image((x - self.mean) / self.std), dim=-1)
+
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone.encode_text(tokens), dim=-1)
+
+    def predict_from(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stage logits, normalized time) of image and text embeddings; a single text row serves every image."""
+        txt = txt.expand(len(img), -1)
         fused = img + txt if self.fusion == "sum" else torch.cat([img, txt], dim=-1)
         return self.classifier(fused), self.time_head(fused)
 
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.predict_from(self.embed_image(image), self.embed_text(tokens))
+
 
 def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """A shard row's image (RGB PNG) -> uint8 HWC at the model's `size` (resized if the shards have another)."""
+    """A shard row's image (JPEG, PNG, ...) -> uint8 RGB HWC at the model's `size` (resized if the shards have
+    another)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     if image.size != size:
         image = image.resize(size, Image.BILINEAR)
@@ -185,6 +195,16 @@ def _hue_rotation(turns: torch.Tensor) -> torch.Tensor:
     return cos * torch.eye(3, device=turns.device) + sin * cross + (1 - cos) * torch.outer(k, k)
 
 
+def random_symmetry(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC square images, each at one of the square's eight symmetries (quarter turns and flips), all equally
+    likely: a transpose, a vertical and a horizontal flip, each with probability 1/2 (no host sync on a GPU)."""
+    coin = lambda: torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5  # noqa: E731
+    if images.shape[1] == images.shape[2]:
+        images = torch.where(coin(), images.transpose(1, 2), images)
+    images = torch.where(coin(), images.flip(1), images)
+    return torch.where(coin(), images.flip(2), images)
+
+
 def recolour_for_training(images: torch.Tensor, hue_jitter: float, grayscale_fraction: float) -> torch.Tensor:
     """uint8 NHWC training images with their hues turned by up to `hue_jitter` turns either way (a saturated
     colour may clip) and a `grayscale_fraction` of them in grayscale: stage and time must then be read from shapes
@@ -217,14 +237,24 @@ RECOLOURINGS = {
 VARIANTS = {"image_only": "_image_only", "caption": "", "grayscale": "_grayscale", "hue_shift": "_hue_shift"}
 
 
-def _predict(model: nn.Module, batch: Batch, variant: str, neutral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stage index, normalized time) predicted for one of the `VARIANTS` of a batch, on the CPU."""
-    images = batch["image"]
-    tokens = batch["tokens"] if variant == "caption" else neutral.to(images.device).expand(len(images), -1)
-    if variant in RECOLOURINGS:
-        images = RECOLOURINGS[variant](images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    logits, t_pred = model(images, tokens)
-    return logits.argmax(-1).cpu(), t_pred.float().cpu()
+def _predict_variants(model: CLIPTimeModel, batch: Batch, neutral: torch.Tensor) -> dict[str, tuple]:
+    """(stage index, normalized time) on the CPU for each of the `VARIANTS` of a batch. The image-only and the
+    caption variants share the images' embedding, and the neutral caption's embedding (`neutral`) serves every
+    row: a third of the model passes that each variant run whole would take."""
+    original = model.embed_image(batch["image"])
+    images_of = {
+        "image_only": original,
+        "caption": original,
+        **{
+            v: model.embed_image(RECOLOURINGS[v](batch["image"].permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+            for v in RECOLOURINGS
+        },
+    }
+    out = {}
+    for variant, img in images_of.items():
+        logits, t_pred = model.predict_from(img, model.embed_text(batch["tokens"]) if variant == "caption" else neutral)
+        out[variant] = (logits.argmax(-1).cpu(), t_pred.float().cpu())
+    return out
 
 
 def _time_metrics(stage: np.ndarray, t: np.ndarray, t_pred: np.ndarray, span: float, suffix: str) -> dict:
@@ -270,6 +300,7 @@ class CLIPTimeTask(Task):
     train_defaults = {"epochs": 20, "batch_size": 64, "lr": 2e-3}
     generated_fields = ("sequences", "frames", "image_size", "hours", "templates", "data_seed")
     data_fields = ("data", *generated_fields, "model")
+    data_format = IMAGE_ENCODING
     data_sizes = {"sequences": 7, "frames": 10}
     tiny_model = {"image_size": 32, "head_depth": 1, "ffn_dim": 64}
     converters = {
@@ -327,6 +358,7 @@ class CLIPTimeTask(Task):
             "image_size": c.image_size,
             "templates": c.templates,
             "data_seed": c.data_seed,
+            "image_encoding": self.data_format,
         }
 
     def resolved(self, manifest: dict) -> CLIPTimeTask:
@@ -353,15 +385,22 @@ class CLIPTimeTask(Task):
     def preprocessor(self) -> CLIPTimePreprocessor:
         return CLIPTimePreprocessor(self.cfg.model, image_size(self.cfg.model))
 
-    def augmenter(self) -> FlipRotateCaptionDropout:
-        neutral = tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION]).numpy()[0]
-        return FlipRotateCaptionDropout(neutral, self.cfg.caption_dropout)
-
     def train_transform(self, batch: Batch) -> Batch:
+        """On the training device, per step: each image at one of the square's eight symmetries (growth has no
+        orientation) and recoloured, and the stage-neutral caption for a `caption_dropout` share of the rows."""
         c = self.cfg
-        if not (c.hue_jitter or c.grayscale_fraction):
-            return batch
-        return {**batch, "image": recolour_for_training(batch["image"], c.hue_jitter, c.grayscale_fraction)}
+        images = random_symmetry(batch["image"])
+        if c.hue_jitter or c.grayscale_fraction:
+            images = recolour_for_training(images, c.hue_jitter, c.grayscale_fraction)
+        tokens = batch["tokens"]
+        if c.caption_dropout:
+            drop = torch.rand(len(tokens), 1, device=tokens.device) < c.caption_dropout
+            tokens = torch.where(drop, self.neutral_tokens.to(tokens.device), tokens)
+        return {**batch, "image": images, "tokens": tokens}
+
+    @functools.cached_property
+    def neutral_tokens(self) -> torch.Tensor:
+        return tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION])[0]
 
     # -- model and loss ------------------------------------------------------------------------------------
     def build_model(self, load_pretrained: bool = True) -> CLIPTimeModel:
@@ -387,13 +426,14 @@ class CLIPTimeTask(Task):
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
         model.eval()
-        neutral = tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION])
+        device = next(model.parameters()).device
+        neutral = model.embed_text(tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION]).to(device))
         stage, t, runs = [], [], {variant: [] for variant in VARIANTS}
         for batch in batches:
             stage.append(batch["stage"].cpu())
             t.append(batch["t"].cpu())
-            for variant, run in runs.items():
-                run.append(_predict(model, batch, variant, neutral))
+            for variant, predicted in _predict_variants(model, batch, neutral).items():
+                runs[variant].append(predicted)
         stage, t = torch.cat(stage).numpy(), torch.cat(t).numpy()
         pred = {variant: torch.cat([p for p, _ in run]).numpy() for variant, run in runs.items()}
         t_pred = {variant: torch.cat([tp for _, tp in run]).numpy() for variant, run in runs.items()}
@@ -453,9 +493,10 @@ class CLIPTimeTask(Task):
         captions = [c if isinstance(c, str) and c.strip() else NEUTRAL_CAPTION for c in captions]
         images = []
         for i, data in enumerate(inputs["image"]):
-            try:  # a photo prepared as make_shards prepares it (upright, deep images scaled, center-cropped)
-                with Image.open(io.BytesIO(bytes(data))) as photo:
-                    images.append(np.asarray(timelapse.model_photo(photo, model.image_size[0])))
+            try:  # a photo prepared and stored as make_shards does (upright, deep images scaled, center-cropped,
+                # encoded as shards hold it), then decoded as training decodes it: the pixels a model trained on
+                stored, _ = timelapse.read_photo(io.BytesIO(bytes(data)), model.image_size[0])
+                images.append(decode_image(stored, model.image_size))
             except timelapse.UNREADABLE_IMAGE as e:
                 raise CliptimeError(f"input row {i}: not a readable image ({type(e).__name__})") from None
         tokens = tokenizer_for(self.cfg.model)(captions).to(device)
