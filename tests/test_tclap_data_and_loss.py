@@ -1,3 +1,4 @@
+import hashlib
 import re
 import subprocess
 import sys
@@ -8,11 +9,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliptime.data.order_phrases import HELDOUT_PATTERNS, HELDOUT_PHRASES, TRAIN_PATTERNS, TRAIN_PHRASES, reversal
-from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, from_pcm16, generate_block
+from cliptime.data.order_phrases import (
+    HELDOUT_PATTERNS,
+    HELDOUT_PHRASES,
+    SIMULTANEOUS_PHRASES,
+    TRAIN_PATTERNS,
+    TRAIN_PHRASES,
+    reversal,
+)
+from cliptime.data.sound_events import (
+    EVENT_CLASSES,
+    ORDER_TEMPLATES,
+    SHORT_GAP,
+    ClipWriter,
+    from_pcm16,
+    generate_block,
+    place,
+)
 from cliptime.errors import CliptimeError
 from cliptime.tasks import make_task
-from cliptime.tasks.tclap import TCLAPTask, contrastive_loss, heldout_phrasing, retrieval, tclassify, temporal_loss
+from cliptime.tasks.tclap import (
+    TCLAPTask,
+    contrastive_keys,
+    contrastive_loss,
+    heldout_phrasing,
+    retrieval,
+    reversed_audio_loss,
+    tclassify,
+    temporal_loss,
+)
 
 KW = dict(pairs=6, singles=4, sample_rate=16000, clip_seconds=2.0, gap_seconds=(0.0, 0.15), template_set="rich")
 
@@ -55,9 +80,136 @@ def test_negative_is_exactly_the_reversed_order(template_set):
     assert len(singles) == 4 and all(cols["negative"][i] == "" and cols["second"][i] == "" for i in singles)
 
 
+def test_seams_gap_makes_the_data_made_before_seam_control():
+    """Shards on disk stay reproducible. Captions and classes, not audio bytes, are pinned (float rounding may
+    differ between machines): any change in the random draws moves them."""
+    cols = generate_block(0, "train", 1, **KW, seams="gap")
+    text = "\n".join(cols["caption"] + cols["negative"] + cols["first"] + cols["second"] + list(map(str, cols["pair"])))
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "9cfbc889848b5d2c"
+
+
+def loud(x: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.abs(x) > 0.2)
+
+
+def test_a_negative_gap_crossfades_and_no_gap_butts_the_events():
+    a, b = np.full(800, 0.5), np.full(600, 0.4)
+    rng = np.random.default_rng(0)
+    for gap in (-160, 0):  # no silent stretch between the events: one loud run, shortened by the overlap
+        x = place([a, b], 4000, 100, gap, rng)
+        assert np.array_equal(loud(x), np.arange(100, 100 + 1400 + gap)), gap
+        assert np.abs(x).max() < 0.5 * np.sqrt(2) + 0.01  # equal-power fades: the overlap does not jump in level
+    x = place([a, b], 4000, 100, 200, rng)
+    assert np.array_equal(loud(x), np.r_[100:900, 1100:1700])  # a silent gap of 200 samples
+
+
+@pytest.mark.parametrize("seams", ["mixed", "gap"])
+def test_both_orders_of_a_pair_share_a_join_that_varies_from_pair_to_pair(seams):
+    """Equal-length constant events: the loud stretches of the A-B and the B-A clip coincide exactly when they
+    share lead-in and join; the join's kind shows in the loud run's length."""
+    writer = ClipWriter(16000, 6000, "basic", {"bell": "a bell", "knock": "knocking"}, seams)
+    a, b, n = np.full(1000, 0.5), np.full(1000, 0.4), 1000
+    rng = np.random.default_rng(0)
+    for pair in range(30):
+        writer.add_pair("bell", "knock", a, b, pair, (0.0, 0.0), rng)
+    kinds = []
+    for k in range(0, 60, 2):
+        ab, ba = (loud(from_pcm16(writer.columns["audio"][i])) for i in (k, k + 1))
+        assert np.array_equal(ab, ba)
+        span = ab[-1] - ab[0] + 1
+        if span < 2 * n:
+            kinds.append("crossfade")
+            assert len(ab) == span and 2 * n - span >= 0.02 * 16000 - 1
+        elif span == 2 * n:
+            kinds.append("butt")
+        else:
+            kinds.append("gap")
+            assert len(ab) == 2 * n and SHORT_GAP[0] * 16000 - 1 <= span - 2 * n <= SHORT_GAP[1] * 16000
+    assert set(kinds) == ({"crossfade", "butt", "gap"} if seams == "mixed" else {"butt"})  # "gap": --gap 0 0
+
+
+def test_overlapping_clips_sound_both_events_at_once_and_are_not_their_order():
+    cols = generate_block(0, "train", 0, **{**KW, "simultaneous": 1.0})
+    labels = {k: v[0] for k, v in EVENT_CLASSES.items()}
+    overlap = [i for i, p in enumerate(cols["pair"]) if p < -1]
+    assert len(overlap) == 6 and len({cols["pair"][i] for i in overlap}) == 6  # one row each, an id of its own
+    for i in overlap:
+        first, second = labels[cols["first"][i]], labels[cols["second"][i]]
+        assert cols["caption"][i] in {p.format(first=first, second=second) for p in SIMULTANEOUS_PHRASES}
+        ordered = {
+            t.format(first=x, second=y) for t in ORDER_TEMPLATES["rich"] for x, y in ((first, second), (second, first))
+        }
+        assert cols["negative"][i] in ordered
+    # half of them: both kinds, no id shared between an ordered pair and an overlapping clip
+    cols = generate_block(0, "train", 0, **{**KW, "simultaneous": 0.5})
+    ids = [p for p in cols["pair"] if p != -1]
+    assert min(ids) < -1 < 0 <= max(ids) and all(ids.count(p) == (2 if p >= 0 else 1) for p in ids)
+    # evaluation keeps T-Classify's A-B/B-A pairs only
+    for split in ("val", "test"):
+        cols = generate_block(0, split, 0, **{**KW, "simultaneous": 1.0})
+        assert min(cols["pair"]) == -1 and sorted(cols["pair"]).count(0) == 2
+
+
+def test_an_overlapping_clip_holds_both_events_in_one_window():
+    writer = ClipWriter(16000, 8000, "basic", {"bell": "a bell", "buzz": "a low buzz"})
+    t = np.arange(4000) / 16000
+    a, b = 0.8 * np.sin(2 * np.pi * 500 * t), 0.8 * np.sin(2 * np.pi * 3000 * t[:3000])
+    writer.add_overlap("bell", "buzz", a, b, -2, np.random.default_rng(0))
+    x = from_pcm16(writer.columns["audio"][0])
+    start = loud(x)[0]
+    spectrum = np.abs(np.fft.rfft(x[start + 500 : start + 2100]))  # 0.1 s: 10-Hz bins
+    assert spectrum[50] > 20 * np.median(spectrum) and spectrum[300] > 20 * np.median(spectrum)
+    assert np.abs(x).max() <= 1.0 and np.abs(x).max() > 0.9  # scaled to fit, not clipped
+    assert (writer.columns["first"], writer.columns["second"], writer.columns["pair"]) == (["bell"], ["buzz"], [-2])
+    assert writer.columns["caption"][0].startswith("a bell") and writer.columns["negative"][0] != ""
+
+
+def test_overlapping_clips_are_positives_of_their_own_kind_only():
+    batch = {  # an A-B clip, an overlapping A+B clip, a B+A one, a single event, a free-text caption
+        "first": torch.tensor([0, 0, 1, 2, -1]),
+        "second": torch.tensor([1, 1, 0, -1, -1]),
+        "pair": torch.tensor([4, -2, -3, -1, -1]),
+        "key": torch.tensor([2, 2, 14, 40, 12345]),
+    }
+    keys = contrastive_keys(batch)
+    assert keys[1] == keys[2] and keys[1] not in (2, 14, 40, 12345)
+    assert keys[[0, 3, 4]].tolist() == [2, 40, 12345]
+
+
+def test_reversed_audio_loss_prefers_each_caption_s_own_clip_over_the_reversed_ones():
+    """Rows: A-B and B-A of pair 0, a single event, an overlapping clip."""
+    audio = F.normalize(torch.tensor([[1.0, 0.2, 0.0], [0.2, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]), dim=-1)
+    pair, first, second = torch.tensor([0, 0, -1, -2]), torch.tensor([0, 1, 2, 0]), torch.tensor([1, 0, -1, 1])
+    scale = torch.tensor(10.0)
+    near = reversed_audio_loss(audio, audio, pair, first, second, scale)  # each caption embeds as its own clip
+    far = reversed_audio_loss(audio, audio[[1, 0, 2, 3]], pair, first, second, scale)  # ... as its partner's
+    tie = reversed_audio_loss(audio, torch.ones(4, 3), pair, first, second, scale)
+    assert near < torch.log(torch.tensor(2.0)) < far and torch.isclose(tie, torch.log(torch.tensor(2.0)))
+    # the rows without a partner do not count: the pair's two rows alone give the same loss
+    assert torch.isclose(near, reversed_audio_loss(audio[:2], audio[:2], pair[:2], first[:2], second[:2], scale))
+    # no B-A clip in the batch (other classes, or the same order): exactly 0, and backward still works
+    text = audio.clone().requires_grad_()
+    alone = reversed_audio_loss(audio, text, pair, first, torch.tensor([1, 2, -1, 1]), scale)
+    same_order = reversed_audio_loss(audio, text, pair, torch.tensor([0, 0, 2, 0]), torch.tensor([1, 1, -1, 1]), scale)
+    assert alone.item() == 0 and same_order.item() == 0
+    (alone + same_order).backward()
+    assert not text.grad.any()
+    # gradients reach the paired rows' captions and both clips, nothing else
+    audio, text = audio.clone().requires_grad_(), audio[[1, 0, 2, 3]].clone().requires_grad_()
+    reversed_audio_loss(audio, text, pair, first, second, scale).backward()
+    assert text.grad[:2].abs().sum(1).gt(0).all() and not text.grad[2:].any()
+    assert audio.grad[:2].abs().sum(1).gt(0).all() and not audio.grad[2:].any()
+    # another instance of the two classes in reversed order counts as the partner does: two B-A clips, twice the odds
+    two = reversed_audio_loss(
+        audio[[0, 1, 1]], audio[[0, 1, 1]], torch.tensor([0, 0, 5]), first[[0, 1, 1]], second[[0, 1, 1]], scale
+    )
+    one = reversed_audio_loss(audio[:2], audio[:2], pair[:2], first[:2], second[:2], scale)
+    assert two > one
+
+
 def test_the_phrase_grammar_says_the_order_many_ways_and_holds_some_out():
     assert (len(TRAIN_PATTERNS), len(TRAIN_PHRASES), len(HELDOUT_PATTERNS), len(HELDOUT_PHRASES)) == (16, 246, 8, 116)
-    trained = [phrase for phrases in ORDER_TEMPLATES.values() for phrase in phrases]  # every template set
+    trained = [phrase for phrases in (*ORDER_TEMPLATES.values(), SIMULTANEOUS_PHRASES) for phrase in phrases]
     assert not set(trained) & set(HELDOUT_PHRASES)
     assert all(h not in t for h in HELDOUT_PATTERNS for t in trained)  # no held-out pattern inside a phrase
     for phrase in TRAIN_PHRASES + HELDOUT_PHRASES:
@@ -133,7 +285,10 @@ def test_temporal_loss_joins_after_the_contrastive_only_epochs():
     model = task.build_model().eval()  # no SpecAugment: the same embeddings in every call
     batch = BATCHES["tclap"](torch.Generator().manual_seed(0))
     full, parts = task.loss(model, batch)  # outside the training loop: the whole loss
-    assert torch.isclose(full, parts["contrastive_loss"] + 0.5 * parts["temporal_loss"])
+    assert torch.isclose(
+        full, parts["contrastive_loss"] + 0.5 * (parts["temporal_loss"] + parts["reversed_audio_loss"])
+    )
+    assert parts["reversed_audio_loss"] > 0  # the batch holds both orders of pair 0
     for epoch, joined in ((0, False), (1, False), (2, True), (7, True)):  # round(0.25 * 8) = 2 epochs without
         loss, parts = task.loss(model, batch, epoch, 8)
         assert torch.isclose(loss, full if joined else parts["contrastive_loss"]), epoch
@@ -200,6 +355,8 @@ def test_tclassify_and_retrieval_on_hand_made_embeddings():
         ({"audio_model": "Cnn99"}, "Cnn99"),
         ({"temporal_weight": -1.0}, "--lambda"),
         ({"temporal_start": 1.0}, "--temporal-start"),
+        ({"seams": "splice"}, "--seams"),
+        ({"simultaneous": 1.5}, "--simultaneous"),
     ],
 )
 def test_bad_settings_are_named(config, named):

@@ -57,7 +57,9 @@ class MixConfig:
     pairs_per_event: int = option(2, "mixed pairs (each in both orders) that each event starts")
     singles_fraction: float = option(0.3, "share of events that also appear alone with a plain caption")
     gap: tuple[float, float] = option((0.0, 0.0), "range of the silent gap between the two events, seconds")
-    templates: str = option("basic", "order-caption template set: basic, rich or grammar (composed phrasings)")
+    templates: str = option(
+        "grammar", "order-caption template set: grammar (246 phrasings composed from parts), basic or rich (3 and 7)"
+    )
     seed: int = option(0, "seed of the splits, the shuffling and the mixing")
 
 

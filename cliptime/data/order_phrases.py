@@ -10,6 +10,9 @@ swapped, so a caption and its negative differ in the order of the events only. P
 `TRAIN_PHRASES` (the `grammar` template set) are composed from the training patterns; `HELDOUT_PHRASES` from
 patterns that never appear in training, used only to test whether a model understands order in words it has not
 seen (`tclassify_*_heldout_phrasing`) rather than the tokens of its templates.
+
+`SIMULTANEOUS_PHRASES` say that two sounds play together: the captions of overlapping clips, whose negative is an
+ordered phrase of the same two events.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ def compose(patterns: tuple[str, ...]) -> tuple[str, ...]:
 
 TRAIN_PHRASES = compose(TRAIN_PATTERNS)
 HELDOUT_PHRASES = compose(HELDOUT_PATTERNS)
+SIMULTANEOUS_PHRASES = (
+    "{first} while {second}",
+    "{first} and {second} at the same time",
+    "{first} together with {second}",
+    "{first} and {second} together",
+)
 
 
 def reversal(phrase: str, first: str, second: str) -> tuple[str, str]:

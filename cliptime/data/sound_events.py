@@ -5,9 +5,14 @@ envelope, loudness, noise). An *instance* is one draw of those parameters; train
 from disjoint seed streams, so evaluation always hears instances it never trained on.
 
 A mixed clip places event A, then event B (different classes) in a fixed-length clip, with leading silence, a
-gap and trailing silence. It is generated in both orders from the same two instances: the A-B row's positive
+join and trailing silence. It is generated in both orders from the same two instances: the A-B row's positive
 caption ("A followed by B", from an order-template set) is the B-A row's negative, and vice versa, so the
 negative is always exactly the reversed order, and T-Classify can compare the A-B and B-A clips.
+The join (`seams`, see `draw_join`) is drawn per pair, the same in both orders: a silent gap, a short crossfade
+or none, so how the two events meet is no cue to what the caption says.
+A share of the training pairs (`simultaneous`) becomes one overlapping clip instead: A and B over the same
+stretch, captioned "A while B", whose negative is an ordered caption of the same two events; val and test keep
+ordered pairs only, so T-Classify means the same whatever the share.
 Single-event clips with plain captions are mixed in so retrieval and zero-shot classification keep working.
 """
 
@@ -17,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cliptime.data.order_phrases import TRAIN_PHRASES, reversal
+from cliptime.data.order_phrases import SIMULTANEOUS_PHRASES, TRAIN_PHRASES, reversal
 from cliptime.errors import CliptimeError
 
 Rng = np.random.Generator
@@ -182,13 +187,42 @@ def synthesize(event: str, rng: Rng, seconds: float, sr: int) -> np.ndarray:
 
 
 def place(events: list[np.ndarray], clip_samples: int, lead: int, gap: int, rng: Rng) -> np.ndarray:
-    """Events one after the other from `lead`, `gap` samples apart, in a clip with a faint noise floor."""
+    """Events one after the other from `lead`, `gap` samples apart, in a clip with a faint noise floor. A negative
+    gap crossfades: each event's end overlaps the next one's start by -gap samples, fading out as it fades in."""
     clip = rng.normal(0, 10 ** (-55 / 20), clip_samples)
+    fade = min(-gap, *(len(e) for e in events)) if gap < 0 else 0
+    # equal power (sin/cos): the two events are unrelated sounds, so the overlap keeps their level
+    fade_in = np.sin(0.5 * np.pi * (np.arange(fade) + 0.5) / max(fade, 1))
     pos = lead
-    for e in events:
+    for k, e in enumerate(events):
+        if fade:
+            e = e.copy()
+            if k > 0:
+                e[:fade] *= fade_in
+            if k < len(events) - 1:
+                e[len(e) - fade :] *= fade_in[::-1]
         clip[pos : pos + len(e)] += e[: clip_samples - pos]
-        pos += len(e) + gap
+        pos += len(e) - fade if fade else len(e) + gap
     return np.clip(clip, -1, 1).astype(np.float32)
+
+
+SEAMS = ("mixed", "gap")
+SHORT_GAP = (0.01, 0.05)  # seconds: fits in the tail that event_room keeps free whatever the --gap range
+CROSSFADE = (0.02, 0.06)  # seconds one event's end overlaps the next one's start
+
+
+def draw_join(rng: Rng, gap_seconds: tuple[float, float], seams: str, sample_rate: int) -> int:
+    """Samples between a pair's two events, negative for a crossfade (see `place`). "gap": a silent gap from
+    `gap_seconds`, as all data were before seam control. "mixed": a silent gap (from `gap_seconds`, or a short one
+    where that is 0), a crossfade, or a butt join, one third each: a mixed clip's join is no cue."""
+    if seams == "gap":
+        return int(rng.uniform(*gap_seconds) * sample_rate)
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return int(rng.uniform(*(gap_seconds if gap_seconds[1] > 0 else SHORT_GAP)) * sample_rate)
+    if kind == 1:
+        return -int(rng.uniform(*CROSSFADE) * sample_rate)
+    return 0
 
 
 def to_pcm16(x: np.ndarray) -> bytes:
@@ -204,10 +238,13 @@ COLUMNS = ("audio", "sample_rate", "caption", "negative", "first", "second", "pa
 
 
 class ClipWriter:
-    """Collects clips as columns of the T-CLAP shard schema (see cliptime.tasks.tclap)."""
+    """Collects clips as columns of the T-CLAP shard schema (see cliptime.tasks.tclap). `seams` (see `draw_join`)
+    is "gap" unless a caller asks: the converters of event collections (cliptime.data.esc50) have no such setting."""
 
-    def __init__(self, sample_rate: int, clip_samples: int, template_set: str, labels: dict[str, str]):
-        self.sr, self.n, self.labels = sample_rate, clip_samples, labels
+    def __init__(
+        self, sample_rate: int, clip_samples: int, template_set: str, labels: dict[str, str], seams: str = "gap"
+    ):
+        self.sr, self.n, self.labels, self.seams = sample_rate, clip_samples, labels, seams
         self.templates = order_templates(template_set)
         self.columns: dict[str, list] = {k: [] for k in COLUMNS}
 
@@ -216,14 +253,29 @@ class ClipWriter:
             self.columns[k].append(v)
 
     def add_pair(self, a: str, b: str, ea: np.ndarray, eb: np.ndarray, pair: int, gap_seconds, rng: Rng) -> None:
-        """Instances `ea` of class `a` and `eb` of class `b`, in both orders; each row's negative caption is
-        the other row's positive, i.e. exactly the reversed order."""
+        """Instances `ea` of class `a` and `eb` of class `b`, in both orders, with the same lead-in and join; each
+        row's negative caption is the other row's positive, i.e. exactly the reversed order."""
         lead = int(rng.uniform(0.0, 0.1) * self.sr)
-        gap = int(rng.uniform(*gap_seconds) * self.sr)
+        gap = draw_join(rng, gap_seconds, self.seams, self.sr)
         template = self.templates[int(rng.integers(len(self.templates)))]
         for first, second, events in ((a, b, [ea, eb]), (b, a, [eb, ea])):
             caption, negative = reversal(template, self.labels[first], self.labels[second])
             self._add(place(events, self.n, lead, gap, rng), caption, negative, first, second, pair)
+
+    def add_overlap(self, a: str, b: str, ea: np.ndarray, eb: np.ndarray, pair: int, rng: Rng) -> None:
+        """Instances `ea` and `eb` from the same moment on, one row captioned as heard together ("A while B"); its
+        negative is an ordered caption of the same two events ("A, then B"): overlapping sounds are not one after
+        the other. `pair` is the row's own id, below -1 (schema in cliptime.tasks.tclap): it has no partner."""
+        lead = int(rng.uniform(0.0, 0.1) * self.sr)
+        mix = np.zeros(max(len(ea), len(eb)))
+        mix[: len(ea)] += ea
+        mix[: len(eb)] += eb
+        mix /= max(1.0, np.abs(mix).max())  # two loud events together would clip, which ordered clips never do
+        phrase = SIMULTANEOUS_PHRASES[int(rng.integers(len(SIMULTANEOUS_PHRASES)))]
+        template = self.templates[int(rng.integers(len(self.templates)))]
+        la, lb = self.labels[a], self.labels[b]
+        caption, negative = phrase.format(first=la, second=lb), template.format(first=la, second=lb)
+        self._add(place([mix], self.n, lead, 0, rng), caption, negative, a, b, pair)
 
     def add_single(self, event: str, x: np.ndarray, rng: Rng) -> None:
         lead = int(rng.integers(0, self.n - len(x) + 1))
@@ -250,17 +302,27 @@ def generate_block(
     clip_seconds: float,
     gap_seconds: tuple[float, float],
     template_set: str,
+    seams: str = "mixed",
+    simultaneous: float = 0.0,
 ) -> dict[str, list]:
-    """`pairs` mixed clips in both orders and `singles` single-event clips, as columns of the T-CLAP schema."""
+    """`pairs` mixed clips in both orders and `singles` single-event clips, as columns of the T-CLAP schema; in
+    the train split a share `simultaneous` of the pairs is one overlapping clip instead (val and test: none)."""
     classes = list(EVENT_CLASSES)
     labels = {k: v[0] for k, v in EVENT_CLASSES.items()}
-    out = ClipWriter(sample_rate, int(clip_seconds * sample_rate), template_set, labels)
+    out = ClipWriter(sample_rate, int(clip_seconds * sample_rate), template_set, labels, seams)
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], block])
     room = event_room(clip_seconds, gap_seconds)
     for p in range(pairs):
         a, b = (classes[i] for i in rng.choice(len(classes), 2, replace=False))
-        ea, eb = (synthesize(e, rng, rng.uniform(0.35, 0.5) * room, sample_rate) for e in (a, b))
-        out.add_pair(a, b, ea, eb, block * pairs + p, gap_seconds, rng)
+        # no draw when off: the same seed gives the same ordered pairs as before the option existed
+        together = split == "train" and simultaneous > 0 and rng.random() < simultaneous
+        # overlapping events last as long as an ordered pair together: the clip's length tells nothing
+        share = (0.7, 1.0) if together else (0.35, 0.5)
+        ea, eb = (synthesize(e, rng, rng.uniform(*share) * room, sample_rate) for e in (a, b))
+        if together:
+            out.add_overlap(a, b, ea, eb, -2 - (block * pairs + p), rng)
+        else:
+            out.add_pair(a, b, ea, eb, block * pairs + p, gap_seconds, rng)
     for _ in range(singles):
         event = classes[int(rng.integers(len(classes)))]
         out.add_single(event, synthesize(event, rng, rng.uniform(0.3, 0.6) * clip_seconds, sample_rate), rng)

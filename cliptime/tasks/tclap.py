@@ -5,10 +5,12 @@ Shard schema (`TCLAPTask.schema`), one row per clip:
     audio        binary   mono 16-bit little-endian PCM (no header); length = clip_seconds * sample_rate
     sample_rate  int32    samples per second of `audio`
     caption      string   the positive caption ("A followed by B", a single event's plain caption, or free text)
-    negative     string   the same caption with the two events in reversed order ("" where it states no order)
+    negative     string   the same caption with the two events in reversed order ("" where it states no order);
+                          for an overlapping clip ("A while B"), an ordered caption of the same two events
     first        string   class of the first (or only) event; "" for a free-text caption, which names no class
     second       string   class of the second event ("" for single events and free-text captions)
-    pair         int64    mixed clips: id shared by the A-B and the B-A clip of the same two instances; else -1
+    pair         int64    mixed clips: id shared by the A-B and the B-A clip of the same two instances; an
+                          overlapping clip: an id of its own below -1 (no partner); else -1
 
 The manifest's `source` records `sample_rate`, `clip_seconds` and the event `classes` with their labels; a task
 resolved against it carries those classes in its config (`classes`), so zero-shot accuracy is scored against the
@@ -23,8 +25,10 @@ A-B/B-A clip pairs, and zero-shot accuracy and the held-out phrasing need classe
 
 Loss: the symmetric audio-text contrastive loss with CLAP's learnable logit scale, gathered across DDP workers
 (clips whose events match are all positives of each other), plus `temporal_weight` (lambda, 0.5 as in the paper)
-times the temporal-focused loss: for each caption with a negative, a two-way softmax that prefers it over the
-reversed one. `--lambda 0` is plain CLAP's loss. The temporal loss joins after the first
+times the temporal-focused losses: for each caption with a negative, a two-way softmax that prefers it over the
+reversed one; and for each A-B caption whose B-A clip is in the batch, one that prefers the A-B clip over the B-A
+clip (`reversed_audio_loss`: the reversed audio as a negative, T-Classify text->audio). `--lambda 0` is plain
+CLAP's loss. The temporal loss joins after the first
 `--temporal-start` of the epochs (a curriculum: which events, then their order); from scratch, with it on from the
 first step, the tiny model's zero-shot accuracy on single events swung from run to run and often fell far below
 the baseline's (measured figures in the README).
@@ -58,9 +62,9 @@ from cliptime.config import option
 from cliptime.data import clotho, esc50
 from cliptime.data.generated import from_generator
 from cliptime.data.order_phrases import HELDOUT_PHRASES, reversal
-from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, from_pcm16, generate_block, order_templates
+from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, SEAMS, generate_block, order_templates
 from cliptime.errors import CliptimeError
-from cliptime.models.clap import CLAPEncoder, check_clap
+from cliptime.models.clap import CLAPEncoder, check_clap, waveform
 from cliptime.tasks.base import Batch, Converter, NumpyBatch, Task
 
 PAIRS_PER_BLOCK = 25
@@ -72,6 +76,8 @@ GENERATED_DATA_FIELDS = (
     "eval_singles",
     "test_singles",
     "gap",
+    "seams",
+    "simultaneous",
     "templates",
     "data_seed",
 )
@@ -88,7 +94,19 @@ class TCLAPConfig:
         480, "generated single-event clips in the test split, where zero-shot accuracy is reported (each 0.2 points)"
     )
     gap: tuple[float, float] = option((0.0, 0.0), "range of the silent gap between the two events, seconds")
-    templates: str = option("basic", "order-caption template set: basic, rich or grammar (composed phrasings)")
+    seams: str = option(
+        "mixed",
+        "how a generated pair's two events join: mixed (per pair a silent gap from --gap, or a short one where it "
+        "is 0; a crossfade; or no gap; alike in both orders, so the join is no cue) or gap (always a --gap gap)",
+    )
+    simultaneous: float = option(
+        0.0,
+        "share of the generated training pairs made one overlapping clip instead, captioned 'A while B' with "
+        "'A followed by B' as its negative (val and test keep ordered pairs only)",
+    )
+    templates: str = option(
+        "grammar", "order-caption template set: grammar (246 phrasings composed from parts), basic or rich (3 and 7)"
+    )
     data_seed: int = option(0, "seed of the generated data set")
     audio_model: str = option("cliptime-tiny-cnn6", "CLAP audio config (laion_clap's, or cliptime-tiny-cnn6)")
     text_model: str = option("transformer", "CLAP text branch: transformer (offline) or roberta/bert/bart")
@@ -112,7 +130,8 @@ class TCLAPConfig:
 
 
 class TCLAPPreprocessor:
-    """Shard rows -> float waveforms of the model's length, token ids of caption and negative, contrastive keys."""
+    """Shard rows -> 16-bit PCM clips of the model's length (the model takes them as they are, see
+    `cliptime.models.clap.waveform`), token ids of caption and negative, contrastive keys."""
 
     def __init__(self, encoder_args: dict, classes: list[str]):
         self.encoder_args, self.classes = encoder_args, classes
@@ -124,21 +143,22 @@ class TCLAPPreprocessor:
 
     def __call__(self, batch: NumpyBatch) -> NumpyBatch:
         samples = self.encoder_args["clip_samples"]
-        audio = np.zeros((len(batch["audio"]), samples), dtype=np.float32)
+        audio = np.zeros((len(batch["audio"]), samples), dtype=np.int16)
         for i, data in enumerate(batch["audio"]):
             if int(batch["sample_rate"][i]) != self.encoder_args["sample_rate"]:
                 raise CliptimeError(
                     f"clip {batch['caption'][i]!r} is sampled at {batch['sample_rate'][i]} Hz, "
                     f"the model takes {self.encoder_args['sample_rate']} Hz"
                 )
-            x = from_pcm16(data)
+            x = np.frombuffer(data, dtype="<i2")
             audio[i, : min(len(x), samples)] = x[:samples]
         index = {c: i for i, c in enumerate(self.classes)}
         first = np.array([index[c] if c else -1 for c in batch["first"]], dtype=np.int64)  # -1: free text
         second = np.array([index.get(c, -1) for c in batch["second"]], dtype=np.int64)
-        # the recording a row holds: captions of one recording share its audio
+        # the recording a row holds: captions of one recording share its audio. Every 16th sample names it as
+        # surely (two recordings alike in all of those are not different sounds) at a sixteenth of the hashing.
         clip = np.array(
-            [int.from_bytes(hashlib.blake2b(a, digest_size=8).digest(), "little") >> 1 for a in batch["audio"]],
+            [int.from_bytes(hashlib.blake2b(x[::16].tobytes(), digest_size=8).digest(), "little") >> 1 for x in audio],
             dtype=np.int64,
         )
         return {
@@ -179,6 +199,36 @@ def temporal_loss(
     margin = scale * ((audio * neg).sum(-1) - (audio * pos).sum(-1))
     loss = F.softplus(margin)
     return (loss * mixed).sum() / mixed.sum().clamp(min=1)
+
+
+def reversed_audio_loss(
+    audio: torch.Tensor,
+    text: torch.Tensor,
+    pair: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """The reversed audio as a negative (T-Classify text->audio's direction): for each A-B caption of a mixed clip,
+    -log softmax of its own clip against every mixed clip in this worker's batch that plays B then A (its own B-A
+    partner, or other instances of the two classes), averaged over the rows that have one (0 when none has).
+    Any B-A clip counts, not the partner alone: the shuffle buffer parts a pair's two rows, and a simulation of
+    the default buffer at batch 32 put the partner in the same batch for about 1 row in 20."""
+    mixed = pair >= 0  # ordered two-event clips (not single events, captions without classes, overlapping clips)
+    swapped = (first[:, None] == second[None, :]) & (second[:, None] == first[None, :]) & mixed[:, None] & mixed
+    own = scale * (text * audio).sum(-1)
+    # a finite floor, not -inf, for the clips that are no negative: a row without any keeps finite gradients
+    others = (scale * text @ audio.T).masked_fill(~swapped, -1e4)
+    found = swapped.any(1).float()
+    return (F.softplus(torch.logsumexp(others, 1) - own) * found).sum() / found.sum().clamp(min=1)
+
+
+def contrastive_keys(batch: Batch) -> torch.Tensor:
+    """The batch's keys, but an overlapping clip ("A while B", pair < -1) gets a key of its own events, in either
+    order, instead of the key of its (first, second): overlapping audio is no positive of "A, then B" captions."""
+    low, high = torch.minimum(batch["first"], batch["second"]), torch.maximum(batch["first"], batch["second"])
+    # negative: apart from every other key (class keys are >= 1, recording hashes >= 0)
+    return torch.where(batch["pair"] < -1, -1 - (low << 20) - high, batch["key"])
 
 
 def convert_clotho(
@@ -288,6 +338,10 @@ class TCLAPTask(Task):
         check_clap(c.audio_model, c.text_model, c.pretrained)
         if not 0 <= c.gap[0] <= c.gap[1]:
             raise CliptimeError(f"--gap {c.gap[0]:g} {c.gap[1]:g}: expected 0 <= min <= max")
+        if c.seams not in SEAMS:
+            raise CliptimeError(f"--seams {c.seams!r}: expected one of {', '.join(SEAMS)}")
+        if not 0 <= c.simultaneous <= 1:
+            raise CliptimeError(f"--simultaneous {c.simultaneous:g}: expected a share of the pairs in [0, 1]")
         if not 0 <= c.temporal_start < 1:
             raise CliptimeError(f"--temporal-start {c.temporal_start:g}: expected a fraction of the epochs in [0, 1)")
         if min(c.train_pairs, c.eval_pairs) < 1:
@@ -338,6 +392,8 @@ class TCLAPTask(Task):
                 clip_seconds=a["clip_samples"] / a["sample_rate"],
                 gap_seconds=tuple(c.gap),
                 template_set=c.templates,
+                seams=c.seams,
+                simultaneous=c.simultaneous,  # generate_block makes overlapping clips in the train split only
             )
             out[split] = from_generator(generate_block, "block", list(range(blocks)), self.schema, **kwargs)
         return out
@@ -348,7 +404,7 @@ class TCLAPTask(Task):
 
     def train_transform(self, batch: Batch) -> Batch:
         """A random gain per clip, -6 to +3 dB: order and content, not level, are what the captions describe."""
-        audio = batch["audio"]
+        audio = waveform(batch["audio"])
         db = torch.empty(len(audio), 1, device=audio.device).uniform_(-6.0, 3.0)
         return {**batch, "audio": audio * 10 ** (db / 20)}
 
@@ -370,11 +426,13 @@ class TCLAPTask(Task):
         self, model: nn.Module, batch: Batch, epoch: int | None = None, epochs: int | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         audio, pos, neg, scale = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
-        lc = contrastive_loss(audio, pos, batch["key"], scale)
+        lc = contrastive_loss(audio, pos, contrastive_keys(batch), scale)
         lt = temporal_loss(audio, pos, neg, scale, batch["ordered"].float())
-        return lc + self.temporal_weight_at(epoch, epochs) * lt, {
+        lr = reversed_audio_loss(audio, pos, batch["pair"], batch["first"], batch["second"], scale)
+        return lc + self.temporal_weight_at(epoch, epochs) * (lt + lr), {
             "contrastive_loss": lc,
             "temporal_loss": lt,
+            "reversed_audio_loss": lr,
             "logit_scale": scale,
         }
 
