@@ -71,8 +71,11 @@ def add_run(result: dict, seed: int) -> None:
     task, extra = result["task"], result["flags"]
     with tempfile.TemporaryDirectory() as tmp:
         seconds, job = run_script(JOBS[task], [*extra, "--seed", str(seed)], Path(tmp))
-    # the share of the job's own time (its JSON line) outside training steps
-    metrics = {**job["metrics"], "overhead": 1 - job["seconds"]["training"] / job["seconds"]["total"]}
+    # the share of the job's own time (its JSON line) outside training steps, and the part of it in validation
+    spent = job["seconds"]
+    metrics = {**job["metrics"], "overhead": 1 - spent["training"] / spent["total"]}
+    if "validation" in spent:
+        metrics["validation_share"] = spent["validation"] / spent["total"]
     result["seeds"].append(seed)
     result["runs"].append({"seed": seed, "seconds": round(seconds), "job_seconds": job["seconds"], "metrics": metrics})
     result["summary"] = over_seeds([{"seconds": r["seconds"], **r["metrics"]} for r in result["runs"]])
@@ -90,7 +93,7 @@ def markdown(rows: list[dict], when: str, where: str) -> str:
         out += [f"## {r['task']}: `{r['command']}`, seeds {' '.join(map(str, r['seeds']))}", ""]
         lines = []
         for name, stat in r["summary"].items():
-            if name in ("seconds", "overhead") or name.startswith(("test/", "baseline/")):
+            if name in ("seconds", "overhead", "validation_share") or name.startswith(("test/", "baseline/")):
                 digits = 0 if name == "seconds" else 3
                 lines.append([name, mean_std(stat, digits), *(f"{v:.{digits}f}" for v in stat["values"])])
         out += [markdown_table(["metric", "mean ± std", *(f"seed {s}" for s in r["seeds"])], lines), ""]
@@ -107,9 +110,11 @@ def readme_table(results: list[dict]) -> str:
     for r in results:
         for i, (model, prefix) in enumerate(MODELS[task].items()):
             seconds = mean_std(r["summary"]["seconds"], 0) if i == 0 else "(with the row above)"
+            overhead = mean_std(r["summary"].get("overhead"), 2) if i == 0 else ""
             values = [mean_std(r["summary"].get(prefix + k)) for k, _ in cols]
-            lines.append([model, *values, seconds, str(len(r["seeds"])), f"`{r['command']}`"])
-    return markdown_table(["model", *(name for _, name in cols), "job (s)", "seeds", "command"], lines)
+            lines.append([model, *values, seconds, overhead, str(len(r["seeds"])), f"`{r['command']}`"])
+    header = ["model", *(name for _, name in cols), "job (s)", "overhead", "seeds", "command"]
+    return markdown_table(header, lines)
 
 
 def main() -> None:

@@ -40,8 +40,8 @@ class JobResult:
     headline: dict[str, float]  # the task's own measure of a model (its monitor) on the test split
     metrics: dict[str, float]
     checkpoint: str
-    # the job's wall time and the part of it spent in training steps (every run of the job, its baseline's too;
-    # a resumed run counts the steps of its earlier epochs as well)
+    # the job's wall time, the part of it spent in training steps and the part in per-epoch validation (every
+    # run of the job, its baseline's too; a resumed run counts its earlier epochs as well)
     seconds: dict[str, float]
     tracking_uri: str
 
@@ -208,7 +208,10 @@ def _train_test_register(
         checkpoint=main.result.checkpoint.path,
         seconds={
             "total": round(time.time() - started, 1),
-            "training": round(sum(epoch.get("step_seconds", 0.0) for h in histories for epoch in h), 1),
+            **{
+                name: round(sum(epoch.get(key, 0.0) for h in histories for epoch in h), 1)
+                for name, key in (("training", "step_seconds"), ("validation", "val_seconds"))
+            },
         },
         tracking_uri=uri,
     )

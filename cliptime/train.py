@@ -240,11 +240,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:
+                validation_started = time.time()
                 with autocast():
                     val_metrics, _ = task.evaluate(
                         module, val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device)
                     )
                 metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
+                metrics["val_seconds"] = time.time() - validation_started  # a part of the job's overhead
                 history.append(metrics)
                 state = {
                     "model": module.state_dict(),
