@@ -58,7 +58,7 @@ class MixConfig:
     singles_fraction: float = option(0.3, "share of events that also appear alone with a plain caption")
     gap: tuple[float, float] = option((0.0, 0.0), "range of the silent gap between the two events, seconds")
     templates: str = option(
-        "grammar", "order-caption template set: grammar (246 phrasings composed from parts), basic or rich (3 and 7)"
+        "basic", "order-caption template set: basic (3 phrasings), rich (7) or grammar (246 composed from parts)"
     )
     seed: int = option(0, "seed of the splits, the shuffling and the mixing")
 

@@ -105,7 +105,7 @@ class TCLAPConfig:
         "'A followed by B' as its negative (val and test keep ordered pairs only)",
     )
     templates: str = option(
-        "grammar", "order-caption template set: grammar (246 phrasings composed from parts), basic or rich (3 and 7)"
+        "basic", "order-caption template set: basic (3 phrasings), rich (7) or grammar (246 composed from parts)"
     )
     data_seed: int = option(0, "seed of the generated data set")
     audio_model: str = option("cliptime-tiny-cnn6", "CLAP audio config (laion_clap's, or cliptime-tiny-cnn6)")
