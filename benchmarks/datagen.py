@@ -2,7 +2,7 @@
 
     python benchmarks/datagen.py
 
-- fungal-growth images per second (one 100-frame sequence at a time, 64 px, PNG-encoded);
+- fungal-growth images per second (one 100-frame sequence at a time, 64 px, encoded as shards store them);
 - mixed-up clips per second (blocks of the T-CLAP generator: 2-s 16-kHz clips, both orders plus singles);
 - Parquet write and read throughput (MB/s and rows/s) of those rows with pyarrow.
 Results: benchmarks/results/datagen-<date>.json and .md.
@@ -103,7 +103,7 @@ def main() -> None:
             "",
             "| what | per second, one core |",
             "|---|---|",
-            f"| fungal-growth images (64 px, PNG) | {images_per_s:.0f} |",
+            f"| fungal-growth images (64 px, encoded) | {images_per_s:.0f} |",
             f"| mixed-up clips (2 s, 16 kHz, PCM16) | {clips_per_s:.0f} |",
             "",
             "| Parquet (pyarrow) | rows | MB | write MB/s | write rows/s | read MB/s | read rows/s |",

@@ -70,8 +70,8 @@ def damage_a_data_page(shard: Path) -> None:
 
 
 def test_a_damaged_data_page_is_named(shard_dir, tmp_path):
-    """PNG bytes do not compress further, so a damaged byte in their pages decodes without error: only the page
-    checksums find it (else a damaged image would reach training, inside Ray)."""
+    """Encoded image bytes (JPEG) do not compress further, so a damaged byte in their pages decodes without error:
+    only the page checksums find it (else a damaged image would reach training, inside Ray)."""
     broken = copy_tree(shard_dir, tmp_path / "broken")
     victim = sorted((broken / "train").glob("*.parquet"))[0]
     damage_a_data_page(victim)

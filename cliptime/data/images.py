@@ -2,7 +2,7 @@
 
 Against PNG, the shards are 2-3x smaller and an image decodes 2.5x faster (224 px: 0.66 ms against 1.67 ms with
 PIL on one core; torchvision's libjpeg-turbo `decode_jpeg` was no faster than PIL's), for a mean error of about 3 of
-255 levels, mostly the generator's sensor noise (benchmarks/results/ingest-2026-12-02.md).
+255 levels, mostly the generator's sensor noise (exploratory figures: docs/measurements.md, "Feeding a GPU").
 """
 
 from __future__ import annotations
