@@ -165,15 +165,13 @@ def test_an_overlapping_clip_holds_both_events_in_one_window():
 
 
 def test_overlapping_clips_are_positives_of_their_own_kind_only():
-    batch = {  # an A-B clip, an overlapping A+B clip, a B+A one, a single event, a free-text caption
-        "first": torch.tensor([0, 0, 1, 2, -1]),
-        "second": torch.tensor([1, 1, 0, -1, -1]),
-        "pair": torch.tensor([4, -2, -3, -1, -1]),
-        "key": torch.tensor([2, 2, 14, 40, 12345]),
-    }
-    keys = contrastive_keys(batch)
-    assert keys[1] == keys[2] and keys[1] not in (2, 14, 40, 12345)
-    assert keys[[0, 3, 4]].tolist() == [2, 40, 12345]
+    # an A-B clip, an overlapping A+B clip, a B+A one, a single event, a free-text caption (keyed by its recording)
+    first, second = np.array([0, 0, 1, 2, -1]), np.array([1, 1, 0, -1, -1])
+    pair, clip = np.array([4, -2, -3, -1, -1]), np.array([7, 8, 9, 10, 12345])
+    keys = contrastive_keys(first, second, pair, clip, classes=12)
+    ordered = [0 * 13 + 1 + 1, 2 * 13 - 1 + 1, 12345]  # first * (classes + 1) + second + 1; free text: its clip
+    assert keys[1] == keys[2] and keys[1] not in (*ordered, 1 * 13 + 0 + 1)
+    assert keys[[0, 3, 4]].tolist() == ordered
 
 
 def test_reversed_audio_loss_prefers_each_caption_s_own_clip_over_the_reversed_ones():

@@ -228,7 +228,8 @@ def open_shards(
     `rows_per_block` rows, and the manifest.
 
     Ray Data's default cuts a read into at least 200 blocks: blocks of one or two rows for a few hundred 10-s clips,
-    and 2.3x slower decoding of clips (1.4x of images) than blocks of many rows (benchmarks/results/ingest-*)."""
+    and 2.3x slower decoding of clips (1.4x of images) than blocks of many rows (docs/measurements.md, "Feeding a
+    GPU")."""
     manifest = read_manifest(data_dir, task)
     fs, root = file_system(data_dir)
     datasets = {}

@@ -240,7 +240,7 @@ VARIANTS = {"image_only": "_image_only", "caption": "", "grayscale": "_grayscale
 def _predict_variants(model: CLIPTimeModel, batch: Batch, neutral: torch.Tensor) -> dict[str, tuple]:
     """(stage index, normalized time) on the CPU for each of the `VARIANTS` of a batch. The image-only and the
     caption variants share the images' embedding, and the neutral caption's embedding (`neutral`) serves every
-    row: a third of the model passes that each variant run whole would take."""
+    row: three image-tower passes and one text-tower pass, where each variant run whole took four of each."""
     original = model.embed_image(batch["image"])
     images_of = {
         "image_only": original,
@@ -427,7 +427,7 @@ class CLIPTimeTask(Task):
 
         model.eval()
         device = next(model.parameters()).device
-        neutral = model.embed_text(tokenizer_for(self.cfg.model)([NEUTRAL_CAPTION]).to(device))
+        neutral = model.embed_text(self.neutral_tokens[None].to(device))
         stage, t, runs = [], [], {variant: [] for variant in VARIANTS}
         for batch in batches:
             stage.append(batch["stage"].cpu())

@@ -26,8 +26,8 @@ A-B/B-A clip pairs, and zero-shot accuracy and the held-out phrasing need classe
 Loss: the symmetric audio-text contrastive loss with CLAP's learnable logit scale, gathered across DDP workers
 (clips whose events match are all positives of each other), plus `temporal_weight` (lambda, 0.5 as in the paper)
 times the temporal-focused losses: for each caption with a negative, a two-way softmax that prefers it over the
-reversed one; and for each A-B caption whose B-A clip is in the batch, one that prefers the A-B clip over the B-A
-clip (`reversed_audio_loss`: the reversed audio as a negative, T-Classify text->audio). `--lambda 0` is plain
+reversed one; and for each A-B caption, one that prefers its clip over the B-A clips in the batch
+(`reversed_audio_loss`: the reversed audio as a negative, T-Classify text->audio). `--lambda 0` is plain
 CLAP's loss. The temporal loss joins after the first
 `--temporal-start` of the epochs (a curriculum: which events, then their order); from scratch, with it on from the
 first step, the tiny model's zero-shot accuracy on single events swung from run to run and often fell far below
@@ -155,6 +155,7 @@ class TCLAPPreprocessor:
         index = {c: i for i, c in enumerate(self.classes)}
         first = np.array([index[c] if c else -1 for c in batch["first"]], dtype=np.int64)  # -1: free text
         second = np.array([index.get(c, -1) for c in batch["second"]], dtype=np.int64)
+        pair = np.asarray(batch["pair"], dtype=np.int64)
         # the recording a row holds: captions of one recording share its audio. Every 16th sample names it as
         # surely (two recordings alike in all of those are not different sounds) at a sixteenth of the hashing.
         clip = np.array(
@@ -167,9 +168,8 @@ class TCLAPPreprocessor:
             "neg_tokens": self.tokenize(batch["negative"]),
             "first": first,
             "second": second,
-            # positives of each other: clips with the same event(s) in the same order; captions of one recording
-            "key": np.where(first >= 0, first * (len(self.classes) + 1) + second + 1, clip),
-            "pair": np.asarray(batch["pair"], dtype=np.int64),
+            "key": contrastive_keys(first, second, pair, clip, len(self.classes)),
+            "pair": pair,
             "clip": clip,
             "ordered": np.array([bool(n) for n in batch["negative"]], dtype=bool),  # it has a reversed-order negative
         }
@@ -223,12 +223,16 @@ def reversed_audio_loss(
     return (F.softplus(torch.logsumexp(others, 1) - own) * found).sum() / found.sum().clamp(min=1)
 
 
-def contrastive_keys(batch: Batch) -> torch.Tensor:
-    """The batch's keys, but an overlapping clip ("A while B", pair < -1) gets a key of its own events, in either
-    order, instead of the key of its (first, second): overlapping audio is no positive of "A, then B" captions."""
-    low, high = torch.minimum(batch["first"], batch["second"]), torch.maximum(batch["first"], batch["second"])
-    # negative: apart from every other key (class keys are >= 1, recording hashes >= 0)
-    return torch.where(batch["pair"] < -1, -1 - (low << 20) - high, batch["key"])
+def contrastive_keys(
+    first: np.ndarray, second: np.ndarray, pair: np.ndarray, clip: np.ndarray, classes: int
+) -> np.ndarray:
+    """Rows with equal keys are contrastive positives of each other: clips of the same event(s) in the same order;
+    captions of one recording (free text, keyed by its audio, `clip`); an overlapping clip ("A while B", pair < -1)
+    and the overlapping clips of the same two events in either order only, as overlapping audio is no positive of
+    "A, then B" captions. The kinds never share a key: class keys are >= 1, recording keys >= 0, overlap keys < 0."""
+    ordered = np.where(first >= 0, first * (classes + 1) + second + 1, clip)
+    low, high = np.minimum(first, second), np.maximum(first, second)
+    return np.where(pair < -1, -1 - (low << 20) - high, ordered)
 
 
 def convert_clotho(
@@ -426,7 +430,7 @@ class TCLAPTask(Task):
         self, model: nn.Module, batch: Batch, epoch: int | None = None, epochs: int | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         audio, pos, neg, scale = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
-        lc = contrastive_loss(audio, pos, contrastive_keys(batch), scale)
+        lc = contrastive_loss(audio, pos, batch["key"], scale)
         lt = temporal_loss(audio, pos, neg, scale, batch["ordered"].float())
         lr = reversed_audio_loss(audio, pos, batch["pair"], batch["first"], batch["second"], scale)
         return lc + self.temporal_weight_at(epoch, epochs) * (lt + lr), {
