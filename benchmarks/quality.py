@@ -10,7 +10,9 @@
 - T-CLAP: lambda 0.5 (T-CLAP), lambda 0 with the same order pooling (the loss ablation), and plain CLAP (lambda 0,
   CLAP's own pooling: the job's baseline); T-Classify both ways, retrieval R@1/R@10, zero-shot accuracy.
 Every row is trained once per seed (`--seed N`, default 0 1 2) and reports each metric's mean and standard
-deviation over them. `--budget` flags (data size, epochs) apply to every row of the task.
+deviation over them. `--budget` flags (data size, epochs) apply to every row of the task. `--runs-from FILE` (a
+`benchmarks/jobs.py` results JSON) gives a row the runs that file holds of the same command and seeds instead of
+training them again (the default rows are the default jobs); the table names the file beside the row.
 Results: benchmarks/results/quality-<tasks>-<date>.json and .md.
 """
 
@@ -45,20 +47,32 @@ def row(task: str, config: str, command: str, runs: list[tuple[float, dict]], pr
     return {"task": task, "config": config, "command": command, "seconds": seconds, "metrics": metrics}
 
 
-def rows_of(task: str, budget: list[str], only: list[str], seeds: list[int]) -> list[dict]:
+def runs_in(files: list[str], seeds: list[int]) -> dict[str, tuple[str, list[tuple[float, dict]]]]:
+    """command -> (file, its runs of `seeds` in that order) of every `benchmarks/jobs.py` result in `files` that
+    ran all of those seeds."""
+    found = {}
+    for file in files:
+        for result in json.loads(Path(file).read_text())["results"]:
+            by_seed = {run["seed"]: (run["seconds"], run["metrics"]) for run in result["runs"]}
+            if all(seed in by_seed for seed in seeds):
+                found[result["command"]] = (Path(file).name, [by_seed[seed] for seed in seeds])
+    return found
+
+
+def rows_of(task: str, budget: list[str], only: list[str], seeds: list[int], done: dict) -> list[dict]:
     rows = []
     for label, (script, flags) in CONFIGS[task].items():
         if only and not any(text in label for text in only):
             continue
-        runs = []
-        for seed in seeds:
+        command = " ".join(["python", f"jobs/{script}", *flags, *budget])
+        source, runs = done.get(command, (None, []))
+        for seed in [] if source else seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 seconds, metrics = run_job(script, [*flags, *budget, "--seed", str(seed)], Path(tmp))
             runs.append((round(seconds), metrics))
-        command = " ".join(["python", f"jobs/{script}", *flags, *budget])
-        rows.append(row(task, label, command, runs, "test/"))
+        rows.append({**row(task, label, command, runs, "test/"), "runs_from": source})
         if any(k.startswith("baseline/test/") for k in runs[0][1]):
-            rows.append({**row(task, BASELINE, command, runs, "baseline/test/"), "seconds": None})
+            rows.append({**row(task, BASELINE, command, runs, "baseline/test/"), "seconds": None, "runs_from": source})
     return rows
 
 
@@ -66,11 +80,17 @@ def table(rows: list[dict], task: str) -> str:
     """The Markdown table of one task's rows: each cell the mean ± standard deviation over the seeds."""
     cols = COLUMNS[task]
     lines = [
-        [r["config"], *(mean_std(r["metrics"].get(k)) for k, _ in cols), mean_std(r["seconds"], 0), f"`{r['command']}`"]
+        [
+            r["config"],
+            *(mean_std(r["metrics"].get(k)) for k, _ in cols),
+            mean_std(r["seconds"], 0),
+            f"`{r['command']}`",
+            r.get("runs_from") or "this run",
+        ]
         for r in rows
         if r["task"] == task
     ]
-    return markdown_table(["configuration", *(name for _, name in cols), "job (s)", "command"], lines)
+    return markdown_table(["configuration", *(name for _, name in cols), "job (s)", "command", "runs"], lines)
 
 
 def markdown(rows: list[dict], when: str, where: str, budget: list[str], seeds: list[int]) -> str:
@@ -90,13 +110,21 @@ def main() -> None:
         "--only", action="append", default=[], metavar="TEXT", help="only the rows whose label contains TEXT"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run each")
+    parser.add_argument(
+        "--runs-from",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a benchmarks/jobs.py results JSON whose runs of a row's command and seeds the row takes",
+    )
     parser.add_argument("--budget", nargs=argparse.REMAINDER, default=[], help="job flags for every row (last)")
     args = parser.parse_args()
     tasks = list(CONFIGS) if args.task == "all" else [args.task]
     when = today()
+    done = runs_in(args.runs_from, args.seeds)
     payload = {"date": when, "machine": machine(), "budget": args.budget, "seeds": args.seeds, "results": []}
     for task in tasks:  # written after each task, so a later failure loses none
-        payload["results"] += rows_of(task, args.budget, args.only, args.seeds)
+        payload["results"] += rows_of(task, args.budget, args.only, args.seeds, done)
         report = markdown(payload["results"], when, payload["machine"], args.budget, args.seeds)
         partial = "-partial" if args.only else ""  # a rerun of some rows leaves the full table in place
         written = write_results(args.out, f"quality-{'-'.join(tasks)}-{when}{partial}", payload, report)

@@ -69,6 +69,20 @@ def test_quality_table_rows_carry_the_metrics_and_the_command(tmp_path):
     accuracy = row["metrics"]["accuracy_image_only"]
     assert len(accuracy["values"]) == 1 and accuracy["std"] == 0.0 and result["seeds"] == [3]
     assert row["command"] == " ".join(["python jobs/train_cliptime.py --head mlp", *budget])
+    assert row["runs_from"] is None
+
+    # The default row's runs taken from a jobs.py results file of the same command and seeds: no job is trained
+    # (a job would give other figures than these made-up ones), and the row names the file.
+    command = " ".join(["python jobs/train_cliptime.py", *budget])
+    made_up = {"test/accuracy_image_only": 0.123, "test/time_mae_hours_image_only": 9.5}
+    jobs_file = tmp_path / "jobs-cliptime-2026-01-01.json"
+    runs = [{"seed": seed, "seconds": 600 + seed, "metrics": made_up} for seed in (3, 4)]
+    jobs_file.write_text(json.dumps({"results": [{"task": "cliptime", "command": command, "runs": runs}]}))
+    args = ["--task", "cliptime", "--only", "Time-Transformer head, generic", "--seeds", "3", "4"]
+    reused = bench("quality.py", *args, "--runs-from", str(jobs_file), "--budget", *budget, out=tmp_path / "reused")
+    (row,) = reused["results"]
+    assert row["runs_from"] == jobs_file.name and row["seconds"]["values"] == [603, 604]
+    assert row["metrics"]["accuracy_image_only"]["values"] == [0.123, 0.123]
 
 
 def test_ingest_writes_items_per_second_per_core_of_each_data_set(tmp_path):

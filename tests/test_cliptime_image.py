@@ -3,6 +3,7 @@ colour alone decides the stage must lose it in grayscale (to chance) and under t
 shape alone decides it, the stage survives both. Images are drawn at the backbone's input size (64 px)."""
 
 import numpy as np
+import pytest
 import torch
 from matplotlib.colors import rgb_to_hsv
 from PIL import Image, ImageDraw
@@ -125,6 +126,7 @@ def test_grayscale_and_hue_shift_recolour_as_documented():
     assert torch.equal(RECOLOURINGS["hue_shift"](red), torch.roll(red, 1, dims=1))
 
 
+@pytest.mark.slow  # trains a model in-process: 7-13 s each
 def test_colour_decided_stages_are_lost_in_grayscale_and_under_the_hue_shift():
     m = train_and_test(colour_set, epochs=4)
     assert m["accuracy_image_only"] > CHANCE + 0.45
@@ -132,6 +134,7 @@ def test_colour_decided_stages_are_lost_in_grayscale_and_under_the_hue_shift():
     assert m["accuracy_hue_shift"] < CHANCE - 0.2  # every stage now has the next stage's hue
 
 
+@pytest.mark.slow  # trains a model in-process: 7-13 s each
 def test_shape_decided_stages_survive_grayscale_and_the_hue_shift():
     m = train_and_test(shape_set, epochs=8)
     assert m["accuracy_image_only"] > CHANCE + 0.45
