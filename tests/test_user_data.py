@@ -326,3 +326,29 @@ def test_esc50_csv_with_missing_columns_is_named(ray_session, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "esc50.csv lacks column(s) category" in last
     assert not (tmp_path / "shards").exists()
+
+
+def esc50_row_with_an_extra_field(root):
+    esc_folder(root)
+    with open(root / "meta" / "esc50.csv", "a") as f:
+        f.write("1-999-A-0.wav,1,0,church_bells,False,999,A,a stray note\n")
+    return root / "meta" / "esc50.csv", "Expected 7 fields in line 42, saw 8"
+
+
+def manifest_not_text(root):
+    exif_folder(root)
+    (root / "manifest.csv").write_bytes(b"path,stage,hours\n\xff\xfe\x00d\x00i\x00s\x00h\x00\n")
+    return root / "manifest.csv", "can't decode byte 0xff"
+
+
+@pytest.mark.parametrize(
+    "command, make_bad", [("esc50", esc50_row_with_an_extra_field), ("timelapse", manifest_not_text)]
+)
+def test_a_csv_file_that_is_no_table_is_one_line_naming_it(ray_session, tmp_path, capsys, command, make_bad):
+    """A malformed CSV file is no row to skip: the command stops in one line naming the file and what is wrong."""
+    path, reason = make_bad(tmp_path / "input")
+    assert make_shards_main([command, str(tmp_path / "input"), str(tmp_path / "shards")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {path} is not a CSV table") and reason in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "shards").exists()

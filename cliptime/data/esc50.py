@@ -41,7 +41,7 @@ from cliptime.data import webdataset
 from cliptime.data.shards import display, file_system
 from cliptime.data.sound_events import ClipWriter, event_room, from_pcm16, order_templates, to_pcm16
 from cliptime.data.timelapse import series_splits
-from cliptime.data.user_files import BadInput, read_checked, settle
+from cliptime.data.user_files import BadInput, read_checked, read_csv_table, settle
 from cliptime.errors import CliptimeError
 
 META = Path("meta") / "esc50.csv"
@@ -173,7 +173,7 @@ def read_meta(root: Path, cfg: ESC50Config) -> tuple[pd.DataFrame, list[BadInput
     meta = root / META
     if not meta.is_file():
         raise CliptimeError(f"{meta} is missing: an ESC-50-layout folder has meta/esc50.csv and audio/")
-    table = pd.read_csv(meta, dtype=str, keep_default_na=False)
+    table = read_csv_table(meta)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise CliptimeError(f"{meta} lacks column(s) {', '.join(missing)} (needs {','.join(REQUIRED_COLUMNS)})")

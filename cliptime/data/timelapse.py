@@ -44,7 +44,7 @@ from cliptime.data import webdataset
 from cliptime.data.fungal_growth import STAGES, caption_templates
 from cliptime.data.images import encode_image
 from cliptime.data.shards import display, file_system
-from cliptime.data.user_files import BadInput, by_split, read_checked, settle, visible_files
+from cliptime.data.user_files import BadInput, by_split, read_checked, read_csv_table, settle, visible_files
 from cliptime.errors import CliptimeError
 
 # HEIC/HEIF are listed so that an iPhone's photos are named as unreadable (PIL decodes them only with a plugin
@@ -228,7 +228,7 @@ def list_photos(root: Path) -> tuple[pd.DataFrame, list[BadInput]]:
     problems: list[BadInput] = []
     manifest = root / MANIFEST
     if manifest.exists():
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        table = read_csv_table(manifest)
         if "path" not in table.columns:
             raise CliptimeError(f"{manifest} has no 'path' column (expected path,stage,hours or path,stage,timestamp)")
         listed: dict[Path, int] = {}  # photo -> the manifest line that labels it

@@ -51,6 +51,16 @@ class BadInputsError(CliptimeError):
     """Bad inputs that stop a conversion without --skip-bad."""
 
 
+def read_csv_table(path: Path) -> pd.DataFrame:
+    """A user's CSV file, every cell as text (an empty cell stays ""). A file that is no CSV table (a line with more
+    fields than the header, bytes that are not UTF-8 text, nothing at all) stops the command in one line naming it:
+    no row of such a file can be trusted to be what its columns say."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise CliptimeError(f"{path} is not a CSV table ({str(e).strip()})") from None
+
+
 def settle(problems: list[BadInput], skip_bad: bool) -> list[str]:
     """Stop on the first problem, or (with --skip-bad) return them all as lines for the report."""
     if problems and not skip_bad:
