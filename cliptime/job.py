@@ -41,7 +41,7 @@ class JobResult:
     metrics: dict[str, float]
     checkpoint: str
     # the job's wall time, the part of it spent in training steps and the part in per-epoch validation (every
-    # run of the job, its baseline's too; a resumed run counts its earlier epochs as well)
+    # run of the job, its baseline's too; of a resumed run, the epochs this job trained)
     seconds: dict[str, float]
     tracking_uri: str
 
@@ -118,7 +118,9 @@ def fit_and_test(
         messages,
     )
     history = train.read_history(result.checkpoint)
-    tracking.log_missing_epochs(client, run_id, history)
+    tracking.log_missing_epochs(
+        client, run_id, [{k: v for k, v in e.items() if k != train.EPOCH_ENDED} for e in history]
+    )
     metrics, outputs = evaluate.test(task, tc, result.checkpoint, data.splits["test"])
     tracking.log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()})
     return RunOutcome(run_id, result, history, metrics, outputs)
@@ -195,6 +197,7 @@ def _train_test_register(
             card=registry.Card(data, tc, metrics, name),
         )
     storage.mark_finished(name, RUN_RECORD, task_name=task.name, model_version=version)
+    trained_here = [epoch for h in histories for epoch in h if epoch.get(train.EPOCH_ENDED, 0.0) >= started]
     validation = {k: v for k, v in (main.result.metrics or {}).items() if k.startswith("val/")}
     headline = f"test/{task.monitor.removeprefix('val/')}"
     return JobResult(
@@ -209,7 +212,7 @@ def _train_test_register(
         seconds={
             "total": round(time.time() - started, 1),
             **{
-                name: round(sum(epoch.get(key, 0.0) for h in histories for epoch in h), 1)
+                name: round(sum(epoch.get(key, 0.0) for epoch in trained_here), 1)
                 for name, key in (("training", "step_seconds"), ("validation", "val_seconds"))
             },
         },

@@ -144,7 +144,7 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) ->
 
 
 def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict[str, Any]]) -> None:
-    """Log the epochs of a checkpoint's history that the run lacks.
+    """Log the epochs of a checkpoint's history (each epoch's metrics) that the run lacks.
 
     The epoch logger writes each epoch as it is reported, but a run killed between persisting a checkpoint and
     the controller's callback loses that epoch's line, and the resumed run starts after it. The checkpoint's own

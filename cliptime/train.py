@@ -36,6 +36,7 @@ STATE_FILE = "state.pt"  # in every checkpoint: model, optimizer, scheduler and 
 HISTORY_FILE = "history.json"  # in every checkpoint: the metrics of all epochs so far
 SHUFFLE_BATCHES = 8  # local shuffle buffer of each worker, in batches
 EPOCH_LINE_METRICS = 6  # validation metrics on each epoch's line
+EPOCH_ENDED = "ended_at"  # in each epoch of a checkpoint's history: the wall-clock time the epoch ended
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -247,7 +248,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     )
                 metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
                 metrics["val_seconds"] = time.time() - validation_started  # a part of the job's overhead
-                history.append(metrics)
+                # not a metric: when the epoch ended, so that a resumed job's seconds count only the epochs it trained
+                history.append({**metrics, EPOCH_ENDED: time.time()})
                 state = {
                     "model": module.state_dict(),
                     "optimizer": optimizer.state_dict(),

@@ -97,6 +97,9 @@ def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, t
     seconds = result["seconds"]
     assert 0 < seconds["training"] and 0 < seconds["validation"]
     assert seconds["training"] + seconds["validation"] < seconds["total"]
+    for name, metric in (("training", "step_seconds"), ("validation", "val_seconds")):  # this job's epochs only
+        mine = [m.value for m in client.get_metric_history(result["run_id"], metric) if m.step >= done_before]
+        assert seconds[name] == pytest.approx(sum(mine), abs=0.1)
 
     assert out[0].startswith(f"resuming {result['run_name']}")
     assert out[1].startswith("logs: ")  # named once, before anything else happens
