@@ -323,3 +323,15 @@ def test_a_missing_alias_or_a_bad_setting_is_one_line_before_anything_deploys(em
         build({"model": "models:/cliptime/1", "tracking": empty_store, "replicas": 0})
     with pytest.raises(CliptimeError, match="serve settings: modle: Extra inputs are not permitted"):
         build({"modle": "models:/cliptime/1", "model": "x"})
+
+
+def test_jobs_serve_listens_on_loopback_unless_told_otherwise(monkeypatch, capsys):
+    """`jobs/serve.py` serves on 127.0.0.1 by default (the address `cliptime.serve.run` gives Ray Serve's HTTP
+    proxy), and on another address only when `--host` names it."""
+    import cliptime.serve
+
+    asked = []
+    monkeypatch.setattr(cliptime.serve, "run", lambda args, host, port: asked.append((host, port)) or {})
+    for argv in ([], ["--host", "0.0.0.0", "--port", "8123"]):
+        assert serve_main(["models:/cliptime/1", *argv]) == 0
+    assert asked == [("127.0.0.1", 8000), ("0.0.0.0", 8123)]
