@@ -3,6 +3,7 @@
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -11,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from cliptime.cli import tune_main
 from cliptime.errors import CliptimeError
 from cliptime.registry import ChampionRule
-from cliptime.tune import load_spec, sweep
+from cliptime.tune import _check_complete, load_spec, sweep
 from tests.conftest import ROOT
 
 TINY_FIXED = {
@@ -120,6 +121,21 @@ def test_a_multi_objective_space_parses_into_objectives_and_a_champion_rule(tmp_
     assert (spec.metric, spec.mode) == ("val/accuracy", "max")
     single = load_spec(write_spec(tmp_path))
     assert not single.multi_objective and single.rule == ChampionRule("accuracy", "max")
+
+
+def test_a_sweep_with_a_failed_trial_stops_before_registering_and_names_its_resume():
+    """`sweep` checks its trials before it tests or registers anything: one failed trial stops it in one line that
+    names the failure and the command that retries it (a Ctrl-C'd sweep: tests/test_recovery.py)."""
+    spec = SimpleNamespace(num_samples=3)
+    diverged = RuntimeError("Traceback (most recent call last):\n  ...\nValueError: the loss is nan")
+    results = [SimpleNamespace(error=None), SimpleNamespace(error=diverged), SimpleNamespace(error=None)]
+    resume = "python jobs/tune.py tune_spaces/toy.yaml --resume sweep-1"
+    with pytest.raises(CliptimeError) as stopped:
+        _check_complete(spec, results, resume)
+    assert str(stopped.value) == (
+        "1 of 3 trials failed (last line of the first: ValueError: the loss is nan); nothing registered; "
+        f"retry them with {resume}"
+    )
 
 
 def test_malformed_space_fails_before_ray_starts(tmp_path, capsys):
