@@ -186,3 +186,35 @@ def test_mlflows_view_run_line_shows_no_password(mlflow_server, moved_credential
     out = capfd.readouterr().out
     assert f"View run view-run at: {mlflow_server}/#/experiments/" in out
     assert "s3cret" not in out and "alice" not in out
+
+
+UNPICKLED = []  # what a checkpoint's pickled object ran, if it ever ran
+
+
+def _ran_on_load(note: str) -> str:
+    UNPICKLED.append(note)
+    return note
+
+
+class _RunsCodeWhenLoaded:
+    def __reduce__(self):
+        return _ran_on_load, ("code from a checkpoint ran",)
+
+
+def test_a_checkpoint_holding_an_object_is_refused_and_its_code_never_runs(tmp_path):
+    """A checkpoint is tensors and plain containers only: one that holds a pickled object (what a tampered
+    checkpoint would carry) fails to load, and the object's code never runs."""
+    import pickle
+
+    import torch
+
+    from cliptime import train
+
+    checkpoint = train.save_checkpoint(tmp_path, {"model": {"w": torch.zeros(2)}, "epoch": 0}, [])
+    assert train.load_checkpoint(checkpoint, "cpu")[0]["epoch"] == 0  # tensors, numbers and dicts load
+    torch.save(
+        {"model": {"w": torch.zeros(2)}, "epoch": 0, "extra": _RunsCodeWhenLoaded()}, tmp_path / train.STATE_FILE
+    )
+    with pytest.raises(pickle.UnpicklingError):
+        train.load_checkpoint(checkpoint, "cpu")
+    assert UNPICKLED == []
