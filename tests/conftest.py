@@ -59,35 +59,50 @@ def empty_store(migrated_store_file, tmp_path) -> str:
     return f"sqlite:///{path}"
 
 
+class MlflowServer:
+    """An `mlflow server` on 127.0.0.1 over a SQLite store and a proxied local artifact store under `root`, which a
+    test can kill and start again on the same port and stores."""
+
+    def __init__(self, root: Path, workers: int = 1):
+        self.root, self.workers, self.port = root, workers, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "mlflow", "server"),
+                *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
+                *("--artifacts-destination", str(self.root / "artifacts")),
+                *("--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.time() + 120
+        while not self.healthy():
+            assert self.proc.poll() is None and time.time() < deadline, "mlflow server did not come up"
+            time.sleep(0.3)
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.uri}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        os.killpg(self.proc.pid, sig)
+        self.proc.wait(timeout=60)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
-    """An `mlflow server` on 127.0.0.1 (SQLite backend, proxied local artifact store); its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mlflow", "server"),
-            *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
-            *("--artifacts-destination", str(root / "artifacts")),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", "2"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if requests.get(f"{uri}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            pass
-        assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
-        time.sleep(1)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
+    """An `mlflow server` on 127.0.0.1 for the whole session; its URI."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), workers=2)
+    server.start()
+    yield server.uri
+    server.kill(signal.SIGTERM)
 
 
 @pytest.fixture

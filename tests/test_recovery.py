@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from cliptime.data.shards import check_shard
-from cliptime.runtime import LOCK, Storage, free_port
+from cliptime.runtime import LOCK, Storage
 from cliptime.tasks.cliptime import CLIPTimeTask
-from tests.conftest import ROOT, last_json_line, registered_versions
+from tests.conftest import ROOT, MlflowServer, last_json_line, registered_versions
 
 pytestmark = pytest.mark.slow
 
@@ -287,43 +286,6 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(ray_session, t
 
 
 # -- 4. the MLflow server restarted mid-run -------------------------------------------------------------------
-class MlflowServer:
-    """An `mlflow server` as conftest's fixture starts one, which this test can kill and start again on the same
-    port and stores."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "mlflow", "server"),
-                *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
-                *("--artifacts-destination", str(self.root / "artifacts")),
-                *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.time() + 120
-        while not self.healthy():
-            assert self.proc.poll() is None and time.time() < deadline, "mlflow server did not come up"
-            time.sleep(0.3)
-
-    def healthy(self) -> bool:
-        try:
-            return requests.get(f"{self.uri}/health", timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=60)
-
-
 def test_a_job_outlives_an_mlflow_server_restart_and_logs_every_epoch(migrated_store_file, tmp_path, spawn):
     """The server goes away after the first epoch and comes back some seconds later: the job trains on, warns
     about the epochs it could not log, logs them from its checkpoint at the end, and finishes its run.
