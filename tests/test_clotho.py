@@ -112,6 +112,7 @@ def clotho_folder(root, captions=CAPTIONS) -> dict[str, list[str]]:
     return names
 
 
+@pytest.mark.slow  # a whole conversion through Ray Data: seconds
 def test_clotho_collection_becomes_one_row_per_recording_and_caption(ray_session, tmp_path):
     names = clotho_folder(tmp_path / "clotho")
     result = write_user_shards(TCLAP, "clotho", tmp_path / "clotho", tmp_path / "shards", ClothoConfig())

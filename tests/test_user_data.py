@@ -262,6 +262,7 @@ def test_esc50_collection_becomes_mixed_order_clips(ray_session, tracking, tmp_p
     assert (test["sample_rate"] == 16000).all()
 
 
+@pytest.mark.slow  # a whole conversion through Ray Data: seconds
 def test_esc50_shards_bring_their_own_classes(ray_session, tmp_path):
     """Zero-shot is scored against the shards' own categories: the task prepared from them carries them in its
     config, which is what workers, the test evaluation and the registered model are rebuilt from."""
@@ -273,6 +274,7 @@ def test_esc50_shards_bring_their_own_classes(ray_session, tmp_path):
     assert data.rows["train"] > 0 and set(data.splits["test"].take(1)[0]) >= {"audio", "tokens", "first"}
 
 
+@pytest.mark.slow  # a whole conversion through Ray Data: seconds
 def test_timelapse_shards_bring_their_time_range(ray_session, tmp_path):
     exif_folder(tmp_path / "photos", photos_per_stage=3)
     write_user_shards(CLIPTIME, "timelapse", tmp_path / "photos", tmp_path / "shards", TimelapseConfig())
