@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def rows_of(task: str, budget: list[str], only: list[str], seeds: list[int], don
             continue
         command = " ".join(["python", f"jobs/{script}", *flags, *budget])
         source, runs = done.get(command, (None, []))
+        print(f"{label}: {f'the runs in {source}' if source else f'training seeds {seeds}'}", file=sys.stderr)
         for seed in [] if source else seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 seconds, metrics = run_job(script, [*flags, *budget, "--seed", str(seed)], Path(tmp))

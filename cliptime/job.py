@@ -70,7 +70,7 @@ class JobResult:
 class RunOutcome:
     run_id: str
     result: ray.train.Result  # the last checkpoint and the last epoch's metrics
-    history: list[dict[str, float]]  # every epoch's metrics
+    history: list[dict[str, float]]  # every epoch's metrics, and when it ended (train.EPOCH_ENDED)
     test_metrics: dict[str, float]
     outputs: dict[str, Any]  # what the task's figures are drawn from
 
@@ -118,9 +118,7 @@ def fit_and_test(
         messages,
     )
     history = train.read_history(result.checkpoint)
-    tracking.log_missing_epochs(
-        client, run_id, [{k: v for k, v in e.items() if k != train.EPOCH_ENDED} for e in history]
-    )
+    tracking.log_missing_epochs(client, run_id, history, not_metrics=(train.EPOCH_ENDED,))
     metrics, outputs = evaluate.test(task, tc, result.checkpoint, data.splits["test"])
     tracking.log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()})
     return RunOutcome(run_id, result, history, metrics, outputs)

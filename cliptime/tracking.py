@@ -143,8 +143,9 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) ->
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
-def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict[str, Any]]) -> None:
-    """Log the epochs of a checkpoint's history (each epoch's metrics) that the run lacks.
+def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict[str, Any]], not_metrics=()) -> None:
+    """Log the epochs of a checkpoint's history that the run lacks: each entry's values but its `epoch` and the
+    bookkeeping keys in `not_metrics`.
 
     The epoch logger writes each epoch as it is reported, but a run killed between persisting a checkpoint and
     the controller's callback loses that epoch's line, and the resumed run starts after it. The checkpoint's own
@@ -156,7 +157,7 @@ def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict[str
         for m in history
         if int(m["epoch"]) not in logged
         for k, v in m.items()
-        if k != "epoch"
+        if k != "epoch" and k not in not_metrics
     ]
     if missing:
         client.log_batch(run_id, metrics=missing)

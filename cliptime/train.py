@@ -33,7 +33,7 @@ from cliptime.tasks.base import Task
 
 EVAL_BATCH = 256
 STATE_FILE = "state.pt"  # in every checkpoint: model, optimizer, scheduler and the epoch
-HISTORY_FILE = "history.json"  # in every checkpoint: the metrics of all epochs so far
+HISTORY_FILE = "history.json"  # in every checkpoint: the metrics of all epochs so far, and when each ended
 SHUFFLE_BATCHES = 8  # local shuffle buffer of each worker, in batches
 EPOCH_LINE_METRICS = 6  # validation metrics on each epoch's line
 EPOCH_ENDED = "ended_at"  # in each epoch of a checkpoint's history: the wall-clock time the epoch ended
@@ -115,7 +115,7 @@ def check_initial_weights(task: Task, location: str) -> None:
 
 
 def read_history(checkpoint: ray.train.Checkpoint) -> list[dict]:
-    """The metrics of every epoch up to the checkpoint's."""
+    """The metrics of every epoch up to the checkpoint's, each with the time it ended (EPOCH_ENDED)."""
     with checkpoint.as_directory() as d:
         return json.loads((Path(d) / HISTORY_FILE).read_text())
 

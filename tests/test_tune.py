@@ -123,9 +123,10 @@ def test_a_multi_objective_space_parses_into_objectives_and_a_champion_rule(tmp_
     assert not single.multi_objective and single.rule == ChampionRule("accuracy", "max")
 
 
-def test_a_sweep_with_a_failed_trial_stops_before_registering_and_names_its_resume():
-    """`sweep` checks its trials before it tests or registers anything: one failed trial stops it in one line that
-    names the failure and the command that retries it (a Ctrl-C'd sweep: tests/test_recovery.py)."""
+def test_a_failed_trial_stops_the_sweep_in_one_line_naming_its_resume():
+    """The check `sweep` runs on its trials before it tests or registers anything (cliptime/tune.py): one failed
+    trial stops it in one line that names the failure and the command that retries it (a Ctrl-C'd sweep, end to
+    end: tests/test_recovery.py)."""
     spec = SimpleNamespace(num_samples=3)
     diverged = RuntimeError("Traceback (most recent call last):\n  ...\nValueError: the loss is nan")
     results = [SimpleNamespace(error=None), SimpleNamespace(error=diverged), SimpleNamespace(error=None)]
@@ -138,15 +139,16 @@ def test_a_sweep_with_a_failed_trial_stops_before_registering_and_names_its_resu
     )
 
 
-def test_malformed_space_fails_before_ray_starts(tmp_path, capsys):
-    import ray
+def test_malformed_space_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import cliptime.tune
 
+    started = []
+    monkeypatch.setattr(cliptime.tune, "init_ray", lambda *a, **k: started.append(a))  # a Ray already up counts too
     path = write_spec(tmp_path, space={"lr": {"uniform": [1, 0]}})
-    was_up = ray.is_initialized()
     assert tune_main([str(path), "--storage-path", str(tmp_path / "rr")]) == 2
     err = capsys.readouterr().err
     assert "space.lr" in err and "Traceback" not in err
-    assert ray.is_initialized() == was_up
+    assert started == []
 
 
 def test_a_sweep_prepares_one_data_set_per_data_choice(tmp_path):

@@ -337,6 +337,12 @@ def esc50_row_with_an_extra_field(root):
     return root / "meta" / "esc50.csv", "Expected 7 fields in line 42, saw 8"
 
 
+def esc50_csv_empty(root):
+    esc_folder(root)
+    (root / "meta" / "esc50.csv").write_text("")
+    return root / "meta" / "esc50.csv", "No columns to parse from file"
+
+
 def manifest_not_text(root):
     exif_folder(root)
     (root / "manifest.csv").write_bytes(b"path,stage,hours\n\xff\xfe\x00d\x00i\x00s\x00h\x00\n")
@@ -344,12 +350,14 @@ def manifest_not_text(root):
 
 
 @pytest.mark.parametrize(
-    "command, make_bad", [("esc50", esc50_row_with_an_extra_field), ("timelapse", manifest_not_text)]
+    "command, make_bad",
+    [("esc50", esc50_row_with_an_extra_field), ("esc50", esc50_csv_empty), ("timelapse", manifest_not_text)],
 )
 def test_a_csv_file_that_is_no_table_is_one_line_naming_it(ray_session, tmp_path, capsys, command, make_bad):
-    """A malformed CSV file is no row to skip: the command stops in one line naming the file and what is wrong."""
+    """A malformed CSV file is no row to skip: the command stops in one line naming the file and what is wrong,
+    `--skip-bad` or not."""
     path, reason = make_bad(tmp_path / "input")
-    assert make_shards_main([command, str(tmp_path / "input"), str(tmp_path / "shards")]) == 2
+    assert make_shards_main([command, str(tmp_path / "input"), str(tmp_path / "shards"), "--skip-bad"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {path} is not a CSV table") and reason in err[-1]
     assert "Traceback" not in "\n".join(err)
