@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
+from cliptime import train
 from tests.conftest import ROOT, registered_versions
 
 pytestmark = pytest.mark.slow
@@ -50,15 +50,12 @@ def kill_once_checkpointed(cmd: list[str], env: dict, cwd, storage, pattern: str
 
 
 def epochs_in_newest_readable_checkpoint(storage: Path) -> int:
-    """The epochs a resumed job need not train again: those of the newest checkpoint that can be read. The kill can
-    land while a checkpoint is being written out, and the job then resumes from the one before."""
-    for folder in sorted(storage.glob("*/checkpoint_*"), reverse=True):  # Ray names them by the time it made them
-        try:
-            torch.load(folder / "state.pt", weights_only=True)
-            return len(json.loads((folder / "history.json").read_text()))
-        except Exception:  # a half-written file fails in many ways (EOFError, UnpicklingError, JSON errors...)
-            continue
-    return 0
+    """The epochs a resumed job need not train again: those of the checkpoint the job resumes from, the newest that
+    can be read (`train.load_newest_intact`). The kill can land while a checkpoint is being written out, and the job
+    then resumes from the one before."""
+    run_folder = next(storage.glob("*/checkpoint_*")).parent
+    _, history = train.load_newest_intact(str(run_folder), "cpu", say=lambda line: None)
+    return len(history)
 
 
 def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, tmp_path):
