@@ -37,6 +37,9 @@ HISTORY_FILE = "history.json"  # in every checkpoint: the metrics of all epochs 
 SHUFFLE_BATCHES = 8  # local shuffle buffer of each worker, in batches
 EPOCH_LINE_METRICS = 6  # validation metrics on each epoch's line
 EPOCH_ENDED = "ended_at"  # in each epoch of a checkpoint's history: the wall-clock time the epoch ended
+# what reading a cut-short or damaged checkpoint raises: torch.load of an empty file EOFError, of a cut zip
+# RuntimeError, of foreign pickles UnpicklingError; a damaged history.json ValueError; a state without its keys KeyError
+UNREADABLE_CHECKPOINT = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -78,7 +81,7 @@ def load_newest_intact(run_folder: str, device: str | torch.device, say=print) -
     for path in newest_first:
         try:
             loaded = load_checkpoint(ray.train.Checkpoint(path, fs), device)
-        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:  # JSON errors: ValueError
+        except UNREADABLE_CHECKPOINT as e:
             say(f"warning: checkpoint {path} is damaged ({type(e).__name__}); trying the one before")
             continue
         if path != newest_first[0]:
@@ -97,7 +100,7 @@ def initial_weights(location: str, device: str | torch.device = "cpu") -> dict[s
     fs, path = pyarrow.fs.FileSystem.from_uri(location)
     try:
         state, _ = load_checkpoint(ray.train.Checkpoint(path, fs), device)
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+    except UNREADABLE_CHECKPOINT as e:
         raise CliptimeError(f"--init-from {location}: not a readable checkpoint folder ({type(e).__name__})") from None
     return state["model"]
 

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cliptime import job
@@ -184,8 +185,6 @@ def test_mlflow_loads_the_pyfunc_with_pickle_refused(toy_run, monkeypatch):
 
 def test_a_version_of_the_older_format_loads_from_its_tensors(tmp_path):
     """Versions registered before the safetensors format: `weights.pt` (a state dict) and `task_config.json`."""
-    import torch
-
     task = ToyTask(ToyConfig(hidden=4))
     model = task.build_model()
     torch.save(model.state_dict(), tmp_path / "weights.pt")
@@ -207,6 +206,25 @@ def test_init_from_a_checkpoint_of_another_shape_or_no_checkpoint_is_one_line(to
         check_initial_weights(ToyTask(ToyConfig(hidden=32)), result.checkpoint)
     with pytest.raises(CliptimeError, match=rf"^--init-from {tmp_path}: not a readable checkpoint folder"):
         check_initial_weights(task, str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut in half"])
+def test_a_checkpoint_cut_short_is_passed_over_for_the_one_before(damage, tmp_path):
+    """A crash while state.pt was written out leaves it empty or cut short: a resume takes the checkpoint before
+    and says so, and --init-from names the folder in one line."""
+    from cliptime import train
+
+    for epoch in (0, 1):
+        folder = tmp_path / f"checkpoint_2026-12-06_00-00-0{epoch}"
+        folder.mkdir()
+        train.save_checkpoint(folder, {"model": {"w": torch.full((64,), float(epoch))}, "epoch": epoch}, [{}])
+    state = folder / train.STATE_FILE
+    state.write_bytes(b"" if damage == "empty" else state.read_bytes()[: state.stat().st_size // 2])
+    said = []
+    loaded, _ = train.load_newest_intact(str(tmp_path), "cpu", say=said.append)
+    assert loaded["epoch"] == 0 and said[0].startswith(f"warning: checkpoint {folder} is damaged")
+    with pytest.raises(CliptimeError, match=rf"^--init-from {folder}: not a readable checkpoint folder"):
+        train.initial_weights(str(folder))
 
 
 @pytest.mark.slow

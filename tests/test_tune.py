@@ -265,9 +265,6 @@ def test_a_killed_trial_gives_its_workers_cpus_back(ray_session, tmp_path):
         def fit(self):
             TorchTrainer(train_loop_per_worker, scaling_config=ScalingConfig(num_workers=1)).fit()
 
-    def free_cpus() -> float:
-        return ray.available_resources().get("CPU", 0.0)
-
     def wait_for(condition, seconds: float) -> bool:
         deadline = time.time() + seconds
         while time.time() < deadline:
@@ -276,13 +273,20 @@ def test_a_killed_trial_gives_its_workers_cpus_back(ray_session, tmp_path):
             time.sleep(0.5)
         return False
 
-    before = free_cpus()
+    # The trial's own placement groups, not the cluster's free CPUs: earlier tests in the shared Ray session may
+    # still be releasing theirs, which would make any count of free CPUs move for reasons of their own.
+    earlier = set(ray.util.placement_group_table())
+
+    def trial_groups() -> dict[str, dict]:
+        return {pg: row for pg, row in ray.util.placement_group_table().items() if pg not in earlier}
+
     trial = Trial.remote()
     trial.fit.remote()
     assert wait_for(training.exists, 60), "the trial's worker never started training"
-    assert free_cpus() <= before - 1
+    reserved = [row for row in trial_groups().values() if row["state"] == "CREATED"]
+    assert any(bundle.get("CPU", 0) >= 1 for row in reserved for bundle in row["bundles"].values()), trial_groups()
     ray.kill(trial)
-    assert wait_for(lambda: free_cpus() >= before, 60), f"{before - free_cpus()} CPU(s) still reserved"
+    assert wait_for(lambda: all(row["state"] == "REMOVED" for row in trial_groups().values()), 60), trial_groups()
 
 
 def test_resuming_with_a_changed_file_is_refused_naming_the_keys(tmp_path, empty_store, monkeypatch):
