@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 validation_started = time.time()
                 with autocast():
-                    val_metrics, _ = task.evaluate(
+                    val_metrics = task.validate(
                         module, val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device)
                     )
                 metrics.update({f"val/{k}": v for k, v in val_metrics.items()})

@@ -181,3 +181,30 @@ def test_training_turns_and_flips_each_image_to_one_of_the_eight_symmetries_and_
     dropped = (out["tokens"] == neutral).all(1)
     kept = (out["tokens"] == tokens).all(1)
     assert bool((dropped | kept).all()) and 0.45 < dropped.float().mean() < 0.55
+
+
+def test_validation_scores_as_the_test_does_without_the_recoloured_controls(monkeypatch):
+    """Each epoch's validation gives the test's metrics with the same values, less the recoloured controls, and
+    runs the image tower once per batch where the test runs it once per recolouring more."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    task = CLIPTimeTask.tiny()
+    model = task.build_model()
+    images, stage = colour_set(8, image_size(task.cfg.model)[0], rng)
+    tokens = tokenizer_for(task.cfg.model)(["fungal spores"] * len(stage))
+    batch = {
+        "image": torch.from_numpy(images),
+        "tokens": tokens,
+        "stage": torch.from_numpy(stage),
+        "t": torch.from_numpy(rng.uniform(0, 1, len(stage)).astype(np.float32)),
+    }
+    passes = []
+    embed_image = model.embed_image
+    monkeypatch.setattr(model, "embed_image", lambda images: passes.append(len(images)) or embed_image(images))
+    tested, _ = task.evaluate(model, [batch])
+    test_passes, passes[:] = len(passes), []
+    validated = task.validate(model, [batch])
+    controls = {f"accuracy_{name}" for name in RECOLOURINGS}
+    assert controls <= set(tested) and not controls & set(validated)
+    assert validated == {k: v for k, v in tested.items() if k not in controls}
+    assert (len(passes), test_passes) == (1, 1 + len(RECOLOURINGS))

@@ -145,6 +145,12 @@ class Task(ABC):
 
         Metrics in the order they should be read, the headline first: the epoch line lists them so."""
 
+    def validate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """The metrics of each epoch's validation, which checkpoints, early stopping and sweeps judge by: the
+        test's by default. A task whose test adds controls that cost model passes but judge nothing during
+        training leaves them to the test, where they are measured once instead of every epoch."""
+        return self.evaluate(model, batches)[0]
+
     def figures(self, outputs: dict[str, Any], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
         """Named matplotlib figures for MLflow (`baseline`: the baseline model's outputs, if one was trained)."""
         return {}

@@ -237,18 +237,18 @@ RECOLOURINGS = {
 VARIANTS = {"image_only": "_image_only", "caption": "", "grayscale": "_grayscale", "hue_shift": "_hue_shift"}
 
 
-def _predict_variants(model: CLIPTimeModel, batch: Batch, neutral: torch.Tensor) -> dict[str, tuple]:
-    """(stage index, normalized time) on the CPU for each of the `VARIANTS` of a batch. The image-only and the
-    caption variants share the images' embedding, and the neutral caption's embedding (`neutral`) serves every
-    row: three image-tower passes and one text-tower pass, where each variant run whole took four of each."""
+def _predict_variants(
+    model: CLIPTimeModel, batch: Batch, neutral: torch.Tensor, variants: Iterable[str]
+) -> dict[str, tuple]:
+    """(stage index, normalized time) on the CPU for each of `variants` (of `VARIANTS`) of a batch. The image-only
+    and the caption variants share the images' embedding, and the neutral caption's embedding (`neutral`) serves
+    every row: one image-tower pass per recolouring and one for the rest, and one text-tower pass."""
     original = model.embed_image(batch["image"])
     images_of = {
-        "image_only": original,
-        "caption": original,
-        **{
-            v: model.embed_image(RECOLOURINGS[v](batch["image"].permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-            for v in RECOLOURINGS
-        },
+        v: original
+        if v not in RECOLOURINGS
+        else model.embed_image(RECOLOURINGS[v](batch["image"].permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        for v in variants
     }
     out = {}
     for variant, img in images_of.items():
@@ -417,29 +417,39 @@ class CLIPTimeTask(Task):
         return self.cfg.cls_weight * cls + self.cfg.time_weight * reg, {"cls_loss": cls, "time_loss": reg}
 
     # -- evaluation ----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
         """The headline is what a user gets from a photo alone: `accuracy_image_only` and the image-only time
         metrics (`*_image_only`), with a stage-neutral caption. `accuracy` is caption-conditioned (the captions name
         the stage, so it is near 1 by construction); `accuracy_grayscale` and `accuracy_hue_shift` are image-only
         on recoloured images (see RECOLOURINGS): how much of the stage the model reads from colour."""
+        return self._evaluate(model, batches, VARIANTS)
+
+    def validate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """Every metric of the test but the recoloured controls, which take an image-tower pass each: a third of
+        the model passes of `evaluate`."""
+        return self._evaluate(model, batches, [v for v in VARIANTS if v not in RECOLOURINGS])[0]
+
+    @torch.no_grad()
+    def _evaluate(
+        self, model: nn.Module, batches: Iterable[Batch], variants: Iterable[str]
+    ) -> tuple[dict[str, float], dict[str, Any]]:
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
         model.eval()
         device = next(model.parameters()).device
         neutral = model.embed_text(self.neutral_tokens[None].to(device))
-        stage, t, runs = [], [], {variant: [] for variant in VARIANTS}
+        stage, t, runs = [], [], {variant: [] for variant in variants}
         for batch in batches:
             stage.append(batch["stage"].cpu())
             t.append(batch["t"].cpu())
-            for variant, predicted in _predict_variants(model, batch, neutral).items():
+            for variant, predicted in _predict_variants(model, batch, neutral, variants).items():
                 runs[variant].append(predicted)
         stage, t = torch.cat(stage).numpy(), torch.cat(t).numpy()
         pred = {variant: torch.cat([p for p, _ in run]).numpy() for variant, run in runs.items()}
         t_pred = {variant: torch.cat([tp for _, tp in run]).numpy() for variant, run in runs.items()}
         span = self.cfg.hours[1] - self.cfg.hours[0]
         metrics = {
-            **{f"accuracy{VARIANTS[v]}": accuracy_score(stage, pred[v]) for v in VARIANTS},
+            **{f"accuracy{VARIANTS[v]}": accuracy_score(stage, pred[v]) for v in variants},
             "macro_f1": f1_score(stage, pred["caption"], average="macro", labels=range(len(STAGES)), zero_division=0),
             **_time_metrics(stage, t, t_pred["image_only"], span, VARIANTS["image_only"]),
             **_time_metrics(stage, t, t_pred["caption"], span, VARIANTS["caption"]),
