@@ -146,7 +146,7 @@ class Task(ABC):
         Metrics in the order they should be read, the headline first: the epoch line lists them so."""
 
     def validate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-        """The metrics of each epoch's validation, which checkpoints, early stopping and sweeps judge by: the
+        """The metrics of each epoch's validation, which sweeps rank trials by and ASHA stops them on: the
         test's by default. A task whose test adds controls that cost model passes but judge nothing during
         training leaves them to the test, where they are measured once instead of every epoch."""
         return self.evaluate(model, batches)[0]
