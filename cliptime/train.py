@@ -21,7 +21,7 @@ import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, CheckpointUploadMode, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cliptime.config import TrainConfig, from_dict
@@ -241,27 +241,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_second": steps * tc.batch_size / train_seconds,  # global: every worker runs as many steps
             **{f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()},
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            saved = None
-            if rank == 0:
-                validation_started = time.time()
-                with autocast():
-                    val_metrics = task.validate(
-                        module, val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device)
-                    )
-                metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
-                metrics["val_seconds"] = time.time() - validation_started  # a part of the job's overhead
-                # not a metric: when the epoch ended, so that a resumed job's seconds count only the epochs it trained
-                history.append({**metrics, EPOCH_ENDED: time.time()})
-                state = {
-                    "model": module.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                }
-                saved = save_checkpoint(Path(tmp), state, history)
-                messages.epoch(epoch_line(epoch, tc.epochs, steps, time.time() - started, waited, metrics))
-            ray.train.report(metrics, checkpoint=saved)
+        saved = None
+        if rank == 0:
+            validation_started = time.time()
+            with autocast():
+                val_metrics = task.validate(module, val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device))
+            metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
+            metrics["val_seconds"] = time.time() - validation_started  # a part of the job's overhead
+            # not a metric: when the epoch ended, so that a resumed job's seconds count only the epochs it trained
+            history.append({**metrics, EPOCH_ENDED: time.time()})
+            state = {
+                "model": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+            }
+            saved = save_checkpoint(Path(tempfile.mkdtemp(prefix="cliptime-checkpoint-")), state, history)
+            messages.epoch(epoch_line(epoch, tc.epochs, steps, time.time() - started, waited, metrics))
+        # The copy to storage (a bucket, on a cluster) runs beside the next epoch's steps instead of before them:
+        # Ray copies in a thread of this worker, deletes the local folder once copied, and waits for the last copy
+        # before the run ends. A job stopped mid-copy leaves a partial folder, which a resume passes over.
+        ray.train.report(metrics, checkpoint=saved, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
 
 def epoch_line(epoch: int, epochs: int, steps: int, seconds: float, waited: float, metrics: dict) -> str:
