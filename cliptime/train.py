@@ -265,7 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def epoch_line(epoch: int, epochs: int, steps: int, seconds: float, waited: float, metrics: dict) -> str:
-    """The epoch's line: the first EPOCH_LINE_METRICS validation metrics in the order the task's `evaluate` gives
+    """The epoch's line: the first EPOCH_LINE_METRICS validation metrics in the order the task's `validate` gives
     them (its headline first), the training loss and the throughput. Every metric is in MLflow."""
     shown = [k for k in metrics if k.startswith("val/")][:EPOCH_LINE_METRICS]
     values = " ".join(f"{k} {metrics[k]:.4g}" for k in shown)

@@ -143,7 +143,8 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
         """(metrics, outputs) over held-out batches; outputs are the arrays the figures are drawn from.
 
-        Metrics in the order they should be read, the headline first: the epoch line lists them so."""
+        Metrics in the order they should be read, the headline first: `validate` keeps it, and the epoch line lists
+        them so."""
 
     def validate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
         """The metrics of each epoch's validation, which sweeps rank trials by and ASHA stops them on: the
