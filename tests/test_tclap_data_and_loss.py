@@ -1,4 +1,5 @@
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -411,3 +412,82 @@ print("offline ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "offline ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_pretrained_hugging_face_text_branch_trains_from_the_local_cache(tmp_path):
+    """`--text-model roberta` (the text branch of LAION's released checkpoints) on a tiny RoBERTa written into a
+    Hugging Face cache: the check passes, the branch loads the cached weights, the data path tokenizes with its
+    tokenizer, padding is masked out, the loss reaches the branch, and evaluation runs; without the weights in the
+    cache, the check names what is missing. In a fresh process: the cache location is read at import."""
+    code = f"""
+import pathlib
+import numpy as np, torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+from cliptime.data.sound_events import generate_block
+from cliptime.errors import CliptimeError
+from cliptime.tasks import make_task
+
+repo = pathlib.Path({str(tmp_path)!r}) / "hub" / "models--roberta-base"
+snapshot = repo / "snapshots" / ("0" * 40)
+snapshot.mkdir(parents=True)
+(repo / "refs").mkdir()
+(repo / "refs" / "main").write_text("0" * 40)
+bpe = ByteLevelBPETokenizer()
+bpe.train_from_iterator(["a rising whistle followed by knocking, then dripping water"] * 5, vocab_size=300,
+                        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+bpe.save_model(str(snapshot))
+tokenizer = RobertaTokenizerFast(vocab=str(snapshot / "vocab.json"), merges=str(snapshot / "merges.txt"))
+assert tokenizer.vocab_size == 300 and tokenizer.pad_token_id == 1
+tokenizer.save_pretrained(str(snapshot))
+torch.manual_seed(0)
+# roberta-base's width (laion_clap's projection is built for 768), one layer
+config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=768, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=40, pad_token_id=tokenizer.pad_token_id)
+cached = RobertaModel(config)
+cached.save_pretrained(str(snapshot))
+
+task = make_task("tclap", {{"text_model": "roberta", "baseline": False}})
+task.check()
+model = task.build_model()
+branch = model.clap.text_branch
+assert type(branch).__name__ == "RobertaModel" and branch.config.num_hidden_layers == 1
+assert torch.equal(branch.embeddings.word_embeddings.weight, cached.embeddings.word_embeddings.weight)
+
+kw = dict(sample_rate=16000, clip_seconds=2.0, gap_seconds=(0.0, 0.0), template_set="basic")
+cols = generate_block(0, "train", 0, pairs=2, singles=1, **kw)
+batch = task.preprocessor()({{k: np.array(v, dtype=object if isinstance(v[0], (bytes, str)) else None)
+                              for k, v in cols.items()}})
+want = tokenizer(list(cols["caption"]), padding="max_length", truncation=True, max_length=32)["input_ids"]
+assert batch["tokens"].tolist() == want
+assert (batch["tokens"][:, -1] == tokenizer.pad_token_id).all()
+
+tokens = torch.from_numpy(batch["tokens"])
+model.eval()
+with torch.no_grad():
+    # a caption padded to the context embeds as it does alone, unpadded
+    alone = torch.tensor(tokenizer([cols["caption"][0]])["input_ids"])
+    unpadded = model.clap.encode_text({{"input_ids": alone, "attention_mask": torch.ones_like(alone)}}, device="cpu")
+    assert torch.allclose(model.embed_text(tokens[:1]), torch.nn.functional.normalize(unpadded, dim=-1), atol=1e-5)
+model.train()
+loss, _ = task.loss(model, {{k: torch.from_numpy(v) for k, v in batch.items()}})
+loss.backward()
+assert branch.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+test = {{k: torch.from_numpy(v) for k, v in batch.items()}}
+metrics, _ = task.evaluate(model, [test])
+assert {{"tclassify_a2t", "zeroshot_accuracy"}} <= set(metrics)
+
+(snapshot / "model.safetensors").unlink()
+try:
+    task.check()
+except CliptimeError as e:
+    assert "roberta-base" in str(e) and "weights" in str(e), e
+else:
+    raise AssertionError("check passed without the weights")
+print("roberta ok")
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "roberta ok" in proc.stdout, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ the only place in cliptime that imports laion_clap.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -47,6 +48,32 @@ TEXT_BRANCHES = ("transformer", "roberta", "bert", "bart")
 _HF_NAMES = {"roberta": "roberta-base", "bert": "bert-base-uncased", "bart": "facebook/bart-base"}
 
 
+@functools.cache
+def hf_tokenizer(text_model: str):
+    """The Hugging Face tokenizer of a pretrained text branch (roberta/bert/bart), from the local cache only."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_HF_NAMES[text_model], local_files_only=True)
+
+
+def tokenize(texts: list[str], text_model: str, context_length: int) -> torch.Tensor:
+    """Token ids of `texts` (batch, context_length) for the text branch: CLIP's BPE for `transformer`, the
+    pretrained model's own tokenizer for roberta/bert/bart, padded with its pad id (`CLAPEncoder.embed_text` masks
+    those out)."""
+    if text_model == "transformer":
+        return clap_module().tokenize(list(texts), context_length=context_length)
+    encoded = hf_tokenizer(text_model)(
+        list(texts), padding="max_length", truncation=True, max_length=context_length, return_tensors="pt"
+    )
+    return encoded["input_ids"]
+
+
+def _hf_weights_cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(name, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+
+
 def check_clap(audio_model: str, text_model: str, pretrained: str = "") -> dict:
     """Fail fast on an unknown config, an unavailable text branch or a missing checkpoint; return the config."""
     module = clap_module()
@@ -55,15 +82,19 @@ def check_clap(audio_model: str, text_model: str, pretrained: str = "") -> dict:
     if text_model not in TEXT_BRANCHES:
         raise CliptimeError(f"unknown CLAP text branch {text_model!r} (known: {', '.join(TEXT_BRANCHES)})")
     if text_model != "transformer":
-        from transformers import AutoTokenizer
-
+        # laion_clap builds the branch with `from_pretrained(name)`: its tokenizer and weights must be cached here
+        # (and on every worker), or the workers fail one by one after the driver has started them
+        name = _HF_NAMES[text_model]
         try:
-            AutoTokenizer.from_pretrained(_HF_NAMES[text_model], local_files_only=True)
+            hf_tokenizer(text_model)
+            cached = _hf_weights_cached(name)
         except OSError:
+            cached = False
+        if not cached:
             raise CliptimeError(
-                f"the {text_model} text branch needs {_HF_NAMES[text_model]} in the Hugging Face cache "
+                f"the {text_model} text branch needs {name}'s tokenizer and weights in the Hugging Face cache "
                 "(offline: use --text-model transformer)"
-            ) from None
+            )
     if pretrained and not Path(pretrained).is_file():
         raise CliptimeError(f"CLAP checkpoint {pretrained} does not exist")
     return module.factory._MODEL_CONFIGS[audio_model]
@@ -137,6 +168,7 @@ class CLAPEncoder(nn.Module):
         self.raw_waveform = audio_cfg["model_type"] == "PANN" and audio_cfg["model_name"] == "Cnn6"
         self.text_model = text_model
         self.context_length = cfg["text_cfg"].get("context_length", 77)
+        self.pad_id = hf_tokenizer(text_model).pad_token_id if text_model != "transformer" else None
         augmenter = getattr(self.clap.audio_branch, "spec_augmenter", None)
         if augmenter is not None and spec_time_drop:
             # laion_clap's SpecAugment drops up to 64 frames at a time, sized for 10-s clips; on short clips
@@ -157,9 +189,7 @@ class CLAPEncoder(nn.Module):
             self.clap.audio_branch.fc_audioset.requires_grad_(False)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        if self.text_model != "transformer":
-            raise CliptimeError("only the transformer text branch has an offline tokenizer in cliptime")
-        return clap_module().tokenize(texts, context_length=self.context_length)
+        return tokenize(texts, self.text_model, self.context_length)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
         audio = waveform(audio)
@@ -171,7 +201,13 @@ class CLAPEncoder(nn.Module):
         return F.normalize(self.clap.audio_projection(features), dim=-1)
 
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clap.encode_text(tokens, device=tokens.device), dim=-1)
+        """Token ids (see `tokenize`) -> unit vectors. The Hugging Face branches take their attention mask (and
+        BERT its segment ids) beside the ids; the data path ships ids only, so they are made here."""
+        text = tokens
+        if self.text_model != "transformer":
+            text = {"input_ids": tokens, "attention_mask": (tokens != self.pad_id).long()}
+            text["token_type_ids"] = torch.zeros_like(tokens)
+        return F.normalize(self.clap.encode_text(text, device=tokens.device), dim=-1)
 
     def forward(self, audio: torch.Tensor | None, *token_batches: torch.Tensor):
         """(audio embeddings or None, one text embedding per token batch..., logit scale)."""

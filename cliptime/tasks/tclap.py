@@ -64,7 +64,7 @@ from cliptime.data.generated import from_generator
 from cliptime.data.order_phrases import HELDOUT_PHRASES, reversal
 from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, SEAMS, generate_block, order_templates
 from cliptime.errors import CliptimeError
-from cliptime.models.clap import CLAPEncoder, check_clap, waveform
+from cliptime.models.clap import CLAPEncoder, check_clap, tokenize, waveform
 from cliptime.tasks.base import Batch, Converter, NumpyBatch, Task
 
 PAIRS_PER_BLOCK = 25
@@ -109,7 +109,11 @@ class TCLAPConfig:
     )
     data_seed: int = option(0, "seed of the generated data set")
     audio_model: str = option("cliptime-tiny-cnn6", "CLAP audio config (laion_clap's, or cliptime-tiny-cnn6)")
-    text_model: str = option("transformer", "CLAP text branch: transformer (offline) or roberta/bert/bart")
+    text_model: str = option(
+        "transformer",
+        "CLAP text branch: transformer (trained from scratch) or roberta/bert/bart (pretrained, from the Hugging Face "
+        "cache)",
+    )
     pretrained: str = option("", "a LAION CLAP checkpoint file to start from (e.g. 630k-audioset-best.pt)")
     temporal_weight: float = option(
         0.5, "lambda: weight of the temporal-focused loss (0: plain CLAP)", aliases=("--lambda",)
@@ -137,9 +141,8 @@ class TCLAPPreprocessor:
         self.encoder_args, self.classes = encoder_args, classes
 
     def tokenize(self, texts) -> np.ndarray:
-        from cliptime.models.clap import clap_module
-
-        return clap_module().tokenize([str(t) for t in texts], self.encoder_args["context_length"]).numpy()
+        args = self.encoder_args
+        return tokenize([str(t) for t in texts], args["text_model"], args["context_length"]).numpy()
 
     def __call__(self, batch: NumpyBatch) -> NumpyBatch:
         samples = self.encoder_args["clip_samples"]
@@ -403,7 +406,7 @@ class TCLAPTask(Task):
         return out
 
     def preprocessor(self) -> TCLAPPreprocessor:
-        args = {"audio_model": self.cfg.audio_model, **self.model_audio}
+        args = {"audio_model": self.cfg.audio_model, "text_model": self.cfg.text_model, **self.model_audio}
         return TCLAPPreprocessor(args, list(self.event_classes))
 
     def train_transform(self, batch: Batch) -> Batch:
