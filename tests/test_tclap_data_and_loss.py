@@ -285,8 +285,8 @@ def test_temporal_loss_joins_after_the_contrastive_only_epochs():
     batch = BATCHES["tclap"](torch.Generator().manual_seed(0))
     full, parts = task.loss(model, batch)  # outside the training loop: the whole loss
     assert torch.isclose(
-        full, parts["contrastive_loss"] + 0.5 * (parts["temporal_loss"] + parts["reversed_audio_loss"])
-    )
+        full, parts["contrastive_loss"] + 0.5 * (parts["temporal_loss"] + parts["reversed_audio_loss"]) / 2
+    )  # lambda 0.5 on the mean of the temporal loss's two directions
     assert parts["reversed_audio_loss"] > 0  # the batch holds both orders of pair 0
     for epoch, joined in ((0, False), (1, False), (2, True), (7, True)):  # round(0.25 * 8) = 2 epochs without
         loss, parts = task.loss(model, batch, epoch, 8)

@@ -25,9 +25,10 @@ A-B/B-A clip pairs, and zero-shot accuracy and the held-out phrasing need classe
 
 Loss: the symmetric audio-text contrastive loss with CLAP's learnable logit scale, gathered across DDP workers
 (clips whose events match are all positives of each other), plus `temporal_weight` (lambda, 0.5 as in the paper)
-times the temporal-focused losses: for each caption with a negative, a two-way softmax that prefers it over the
-reversed one; and for each A-B caption, one that prefers its clip over the B-A clips in the batch
-(`reversed_audio_loss`: the reversed audio as a negative, T-Classify text->audio). `--lambda 0` is plain
+times the temporal-focused loss, the mean of its two directions: for each caption with a negative, a two-way
+softmax that prefers it over the reversed one; and for each A-B caption, one that prefers its clip over the B-A
+clips in the batch (`reversed_audio_loss`: the reversed audio as a negative, T-Classify text->audio). The mean,
+not the sum, so that lambda weighs order against content as the paper's one term does. `--lambda 0` is plain
 CLAP's loss. The temporal loss joins after the first
 `--temporal-start` of the epochs (a curriculum: which events, then their order); from scratch, with it on from the
 first step, the tiny model's zero-shot accuracy on single events swung from run to run and often fell far below
@@ -436,7 +437,7 @@ class TCLAPTask(Task):
         lc = contrastive_loss(audio, pos, batch["key"], scale)
         lt = temporal_loss(audio, pos, neg, scale, batch["ordered"].float())
         lr = reversed_audio_loss(audio, pos, batch["pair"], batch["first"], batch["second"], scale)
-        return lc + self.temporal_weight_at(epoch, epochs) * (lt + lr), {
+        return lc + self.temporal_weight_at(epoch, epochs) * (lt + lr) / 2, {
             "contrastive_loss": lc,
             "temporal_loss": lt,
             "reversed_audio_loss": lr,
