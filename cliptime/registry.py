@@ -106,7 +106,8 @@ def registered_version(client: MlflowClient, model_name: str, run_id: str) -> st
 
 def _requirements() -> list[str]:
     """Pinned requirements of a served model (given explicitly: MLflow's inference would load the model)."""
-    names = ["torch", "numpy", "pandas", "pillow", "open_clip_torch", "laion-clap", "mlflow", "soundfile", "scipy"]
+    names = ["torch", "numpy", "pandas", "pillow", "open_clip_torch", "laion-clap", "transformers", "mlflow"]
+    names += ["soundfile", "scipy"]
     return [f"{n}=={importlib.metadata.version(n)}" for n in names]
 
 

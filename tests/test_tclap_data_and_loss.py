@@ -418,8 +418,9 @@ print("offline ok")
 def test_a_pretrained_hugging_face_text_branch_trains_from_the_local_cache(tmp_path):
     """`--text-model roberta` (the text branch of LAION's released checkpoints) on a tiny RoBERTa written into a
     Hugging Face cache: the check passes, the branch loads the cached weights, the data path tokenizes with its
-    tokenizer, padding is masked out, the loss reaches the branch, and evaluation runs; without the weights in the
-    cache, the check names what is missing. In a fresh process: the cache location is read at import."""
+    tokenizer, padding is masked out, the loss reaches the branch, and evaluation runs; `bart` gives every trainable
+    parameter a gradient; without the weights in the cache, the check names what is missing. In a fresh process:
+    the cache location is read at import."""
     code = f"""
 import pathlib
 import numpy as np, torch
@@ -478,6 +479,30 @@ assert branch.embeddings.word_embeddings.weight.grad.abs().sum() > 0
 test = {{k: torch.from_numpy(v) for k, v in batch.items()}}
 metrics, _ = task.evaluate(model, [test])
 assert {{"tclassify_a2t", "zeroshot_accuracy"}} <= set(metrics)
+
+# BART: laion_clap embeds with its encoder; the decoder runs without a gradient, so it must be frozen (DDP
+# waits for a gradient of every trainable parameter)
+from transformers import BartConfig, BartModel, BartTokenizerFast
+bart_repo = pathlib.Path({str(tmp_path)!r}) / "hub" / "models--facebook--bart-base"
+bart_snapshot = bart_repo / "snapshots" / ("0" * 40)
+bart_snapshot.mkdir(parents=True)
+(bart_repo / "refs").mkdir()
+(bart_repo / "refs" / "main").write_text("0" * 40)
+bpe.save_model(str(bart_snapshot))
+BartTokenizerFast(vocab=str(bart_snapshot / "vocab.json"), merges=str(bart_snapshot / "merges.txt")).save_pretrained(
+    str(bart_snapshot))
+BartModel(BartConfig(vocab_size=300, d_model=768, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(str(bart_snapshot))
+bart_task = make_task("tclap", {{"text_model": "bart", "baseline": False}})
+bart_task.check()
+bart = bart_task.build_model()
+batch = bart_task.preprocessor()({{k: np.array(v, dtype=object if isinstance(v[0], (bytes, str)) else None)
+                                   for k, v in cols.items()}})
+loss, _ = bart_task.loss(bart, {{k: torch.from_numpy(v) for k, v in batch.items()}})
+loss.backward()
+assert [n for n, p in bart.named_parameters() if p.requires_grad and p.grad is None] == []
+assert bart.clap.text_branch.get_input_embeddings().weight.grad.abs().sum() > 0
 
 (snapshot / "model.safetensors").unlink()
 try:

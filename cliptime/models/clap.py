@@ -68,10 +68,14 @@ def tokenize(texts: list[str], text_model: str, context_length: int) -> torch.Te
     return encoded["input_ids"]
 
 
-def _hf_weights_cached(name: str) -> bool:
+def _hf_model_cached(name: str) -> bool:
+    """Whether `from_pretrained(name)` finds the model's config and weights in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    return any(isinstance(try_to_load_from_cache(name, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+    def cached(file: str) -> bool:
+        return isinstance(try_to_load_from_cache(name, file), str)
+
+    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
 
 
 def check_clap(audio_model: str, text_model: str, pretrained: str = "") -> dict:
@@ -86,14 +90,13 @@ def check_clap(audio_model: str, text_model: str, pretrained: str = "") -> dict:
         # (and on every worker), or the workers fail one by one after the driver has started them
         name = _HF_NAMES[text_model]
         try:
-            hf_tokenizer(text_model)
-            cached = _hf_weights_cached(name)
-        except OSError:
-            cached = False
-        if not cached:
+            usable = hf_tokenizer(text_model).pad_token_id is not None and _hf_model_cached(name)
+        except (OSError, ValueError):  # files missing, or present but unreadable
+            usable = False
+        if not usable:
             raise CliptimeError(
-                f"the {text_model} text branch needs {name}'s tokenizer and weights in the Hugging Face cache "
-                "(offline: use --text-model transformer)"
+                f"the {text_model} text branch needs {name}'s tokenizer (with a padding token), config and weights "
+                "in the Hugging Face cache (offline: use --text-model transformer)"
             )
     if pretrained and not Path(pretrained).is_file():
         raise CliptimeError(f"CLAP checkpoint {pretrained} does not exist")
@@ -187,6 +190,13 @@ class CLAPEncoder(nn.Module):
             getattr(self.clap, name).requires_grad_(False)
         if hasattr(self.clap.audio_branch, "fc_audioset"):
             self.clap.audio_branch.fc_audioset.requires_grad_(False)
+        if text_model == "bart":
+            # laion_clap embeds a caption with BART's encoder output; the decoder runs but gets no gradient, except
+            # its token embedding, which is the encoder's (tied)
+            shared = self.clap.text_branch.get_input_embeddings().weight
+            for p in self.clap.text_branch.decoder.parameters():
+                if p is not shared:
+                    p.requires_grad_(False)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return tokenize(texts, self.text_model, self.context_length)
@@ -202,7 +212,9 @@ class CLAPEncoder(nn.Module):
 
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (see `tokenize`) -> unit vectors. The Hugging Face branches take their attention mask (and
-        BERT its segment ids) beside the ids; the data path ships ids only, so they are made here."""
+        BERT its segment ids) beside the ids; the data path ships ids only, so they are made here. RoBERTa and BERT
+        then read the first token, which the mask keeps from seeing the padding; laion_clap's BART averages every
+        position's output, padding included, as LAION trained it."""
         text = tokens
         if self.text_model != "transformer":
             text = {"input_ids": tokens, "attention_mask": (tokens != self.pad_id).long()}

@@ -28,8 +28,11 @@ Loss: the symmetric audio-text contrastive loss with CLAP's learnable logit scal
 times the temporal-focused loss, the mean of its two directions: for each caption with a negative, a two-way
 softmax that prefers it over the reversed one; and for each A-B caption, one that prefers its clip over the B-A
 clips in the batch (`reversed_audio_loss`: the reversed audio as a negative, T-Classify text->audio). The mean,
-not the sum, so that lambda weighs order against content as the paper's one term does. `--lambda 0` is plain
-CLAP's loss. The temporal loss joins after the first
+not the sum, so that lambda weighs order against content as the paper's one term does. A worker's batch without
+any B-A clip of its A-B captions has no clip direction (0; at the default batch of 32, by the odds of 132
+ordered class pairs, about one in ten), so
+its caption direction counts half; the smaller each worker's batch, the more often. `--lambda 0` is plain CLAP's
+loss. The temporal loss joins after the first
 `--temporal-start` of the epochs (a curriculum: which events, then their order); from scratch, with it on from the
 first step, the tiny model's zero-shot accuracy on single events swung from run to run and often fell far below
 the baseline's (measured figures in the README).
@@ -117,7 +120,9 @@ class TCLAPConfig:
     )
     pretrained: str = option("", "a LAION CLAP checkpoint file to start from (e.g. 630k-audioset-best.pt)")
     temporal_weight: float = option(
-        0.5, "lambda: weight of the temporal-focused loss (0: plain CLAP)", aliases=("--lambda",)
+        0.5,
+        "lambda: weight of the temporal-focused loss, the mean of its caption and clip directions (0: plain CLAP)",
+        aliases=("--lambda",),
     )
     temporal_start: float = option(
         0.2,
