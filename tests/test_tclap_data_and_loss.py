@@ -430,11 +430,21 @@ from cliptime.data.sound_events import generate_block
 from cliptime.errors import CliptimeError
 from cliptime.tasks import make_task
 
-repo = pathlib.Path({str(tmp_path)!r}) / "hub" / "models--roberta-base"
-snapshot = repo / "snapshots" / ("0" * 40)
-snapshot.mkdir(parents=True)
-(repo / "refs").mkdir()
-(repo / "refs" / "main").write_text("0" * 40)
+def cache_snapshot(name):  # the folder of one cached revision of `name`, laid out as the hub cache does
+    repo = pathlib.Path({str(tmp_path)!r}) / "hub" / ("models--" + name.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def preprocessed(task, cols):
+    return task.preprocessor()({{k: np.array(v, dtype=object if isinstance(v[0], (bytes, str)) else None)
+                                 for k, v in cols.items()}})
+
+
+snapshot = cache_snapshot("roberta-base")
 bpe = ByteLevelBPETokenizer()
 bpe.train_from_iterator(["a rising whistle followed by knocking, then dripping water"] * 5, vocab_size=300,
                         special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
@@ -458,8 +468,7 @@ assert torch.equal(branch.embeddings.word_embeddings.weight, cached.embeddings.w
 
 kw = dict(sample_rate=16000, clip_seconds=2.0, gap_seconds=(0.0, 0.0), template_set="basic")
 cols = generate_block(0, "train", 0, pairs=2, singles=1, **kw)
-batch = task.preprocessor()({{k: np.array(v, dtype=object if isinstance(v[0], (bytes, str)) else None)
-                              for k, v in cols.items()}})
+batch = preprocessed(task, cols)
 want = tokenizer(list(cols["caption"]), padding="max_length", truncation=True, max_length=32)["input_ids"]
 assert batch["tokens"].tolist() == want
 assert (batch["tokens"][:, -1] == tokenizer.pad_token_id).all()
@@ -483,11 +492,7 @@ assert {{"tclassify_a2t", "zeroshot_accuracy"}} <= set(metrics)
 # BART: laion_clap embeds with its encoder; the decoder runs without a gradient, so it must be frozen (DDP
 # waits for a gradient of every trainable parameter)
 from transformers import BartConfig, BartModel, BartTokenizerFast
-bart_repo = pathlib.Path({str(tmp_path)!r}) / "hub" / "models--facebook--bart-base"
-bart_snapshot = bart_repo / "snapshots" / ("0" * 40)
-bart_snapshot.mkdir(parents=True)
-(bart_repo / "refs").mkdir()
-(bart_repo / "refs" / "main").write_text("0" * 40)
+bart_snapshot = cache_snapshot("facebook/bart-base")
 bpe.save_model(str(bart_snapshot))
 BartTokenizerFast(vocab=str(bart_snapshot / "vocab.json"), merges=str(bart_snapshot / "merges.txt")).save_pretrained(
     str(bart_snapshot))
@@ -497,8 +502,7 @@ BartModel(BartConfig(vocab_size=300, d_model=768, encoder_layers=1, decoder_laye
 bart_task = make_task("tclap", {{"text_model": "bart", "baseline": False}})
 bart_task.check()
 bart = bart_task.build_model()
-batch = bart_task.preprocessor()({{k: np.array(v, dtype=object if isinstance(v[0], (bytes, str)) else None)
-                                   for k, v in cols.items()}})
+batch = preprocessed(bart_task, cols)
 loss, _ = bart_task.loss(bart, {{k: torch.from_numpy(v) for k, v in batch.items()}})
 loss.backward()
 assert [n for n, p in bart.named_parameters() if p.requires_grad and p.grad is None] == []

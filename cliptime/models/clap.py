@@ -217,8 +217,8 @@ class CLAPEncoder(nn.Module):
         position's output, padding included, as LAION trained it."""
         text = tokens
         if self.text_model != "transformer":
-            text = {"input_ids": tokens, "attention_mask": (tokens != self.pad_id).long()}
-            text["token_type_ids"] = torch.zeros_like(tokens)
+            mask, segments = (tokens != self.pad_id).long(), torch.zeros_like(tokens)
+            text = {"input_ids": tokens, "attention_mask": mask, "token_type_ids": segments}
         return F.normalize(self.clap.encode_text(text, device=tokens.device), dim=-1)
 
     def forward(self, audio: torch.Tensor | None, *token_batches: torch.Tensor):

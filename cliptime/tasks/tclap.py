@@ -29,13 +29,12 @@ times the temporal-focused loss, the mean of its two directions: for each captio
 softmax that prefers it over the reversed one; and for each A-B caption, one that prefers its clip over the B-A
 clips in the batch (`reversed_audio_loss`: the reversed audio as a negative, T-Classify text->audio). The mean,
 not the sum, so that lambda weighs order against content as the paper's one term does. A worker's batch without
-any B-A clip of its A-B captions has no clip direction (0; at the default batch of 32, by the odds of 132
-ordered class pairs, about one in ten), so
-its caption direction counts half; the smaller each worker's batch, the more often. `--lambda 0` is plain CLAP's
-loss. The temporal loss joins after the first
-`--temporal-start` of the epochs (a curriculum: which events, then their order); from scratch, with it on from the
-first step, the tiny model's zero-shot accuracy on single events swung from run to run and often fell far below
-the baseline's (measured figures in the README).
+any B-A clip of its A-B captions has no clip direction (0; at the default batch of 32, by the odds of 132 ordered
+class pairs, about one in ten), so its caption direction counts half; the smaller each worker's batch, the more
+often. `--lambda 0` is plain CLAP's loss. The temporal loss joins after the first `--temporal-start` of the epochs
+(a curriculum: which events, then their order); from scratch, with it on from the first step, the tiny model's
+zero-shot accuracy on single events swung from run to run and often fell far below the baseline's (measured
+figures in the README).
 
 The baseline trained beside T-CLAP is plain CLAP as the paper compares against: CLAP's loss (lambda 0) and CLAP's
 own time-pooled audio embedding (no order pooling), on the same data and budget. Lambda 0 *with* order pooling is
