@@ -91,7 +91,7 @@ def test_two_node_cluster_syncs_ddp_across_nodes_and_runs_the_job(mlflow_store, 
 
 
 @pytest.mark.slow
-def test_a_sweep_submitted_with_ray_job_submit_runs_a_trial_on_each_node_and_crowns_a_champion(tmp_path):
+def test_a_sweep_submitted_with_ray_job_submit_runs_a_trial_on_each_node_and_crowns_a_champion(empty_store, tmp_path):
     """A head started with `ray start --head` (token authentication on) and a node joining it, 5 CPUs each; the
     sweep's two trials run at once, each with a 3-CPU worker, so one lands on each node (a node cannot hold two)
     and Ray Data keeps a whole CPU beside it; the client reads the saved token with RAY_AUTH_MODE=token."""
@@ -103,7 +103,7 @@ def test_a_sweep_submitted_with_ray_job_submit_runs_a_trial_on_each_node_and_cro
     node = ray_start(f"--address=127.0.0.1:{port}", "--num-cpus=5")
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        store = empty_store  # its own: the champion alias of a first sweep
         space = tmp_path / "two-nodes.yaml"
         tiny = {"sequences": 7, "frames": 10, "image_size": 32, "head_depth": 1, "ffn_dim": 64, "batch_size": 16}
         space.write_text(

@@ -37,6 +37,10 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, over quota, a file over the size limit
+# Rows per Parquet row group, the unit a reader takes at once. Ray Data's read_parquet sizes its blocks by reading a
+# file's whole first row group (up to 1,024 rows): with one row group per file, that was most of a 10-s clip shard,
+# about 1 GB read before the read itself (benchmarks/results/ingest-2026-12-07-row-groups.md).
+ROWS_PER_ROW_GROUP = 64
 
 
 def file_system(location: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -93,7 +97,13 @@ def _write_splits(
 ) -> dict[str, Any]:
     counts = {}
     for split, ds in datasets.items():
-        ds.write_parquet(f"{folder}/{split}", filesystem=fs, min_rows_per_file=rows_per_file, write_page_checksum=True)
+        ds.write_parquet(
+            f"{folder}/{split}",
+            filesystem=fs,
+            min_rows_per_file=rows_per_file,
+            row_group_size=ROWS_PER_ROW_GROUP,
+            write_page_checksum=True,
+        )
         counts[split] = split_counts(fs, f"{folder}/{split}", label)
     return counts
 
