@@ -42,6 +42,20 @@ def test_shards_are_read_in_blocks_of_about_the_rows_asked_for(shard_dir):
     assert sum(blocks) == 20 and len(blocks) == 4 and max(blocks) <= 6, blocks
 
 
+def test_shards_hold_row_groups_of_a_few_rows(ray_session, tmp_path, monkeypatch):
+    """A file of many rows in one row group is read whole by Ray Data's block sizing (its first row group, up to
+    1,024 rows) before the read itself: about 1 GB for 10-s clips. Shards cut every file into row groups of
+    ROWS_PER_ROW_GROUP rows (8 here, for the 20 train rows)."""
+    import cliptime.data.shards
+
+    monkeypatch.setattr(cliptime.data.shards, "ROWS_PER_ROW_GROUP", 8)
+    task = make_task("cliptime", SMALL)
+    write_shards(task.generate(), tmp_path / "fungal", task="cliptime", label="stage", source=task.source())
+    (train,) = (tmp_path / "fungal" / "train").glob("*.parquet")
+    metadata = pq.ParquetFile(train).metadata
+    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [8, 8, 4]
+
+
 def copy_tree(src, dst):
     import shutil
 
