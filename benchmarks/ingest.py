@@ -1,7 +1,7 @@
 """Data-path throughput per CPU core at the sizes users train at: decode and batch-to-tensor in Ray Data, augment.
 
     python benchmarks/ingest.py                    # 224-px images, photos, 10-s 48-kHz clips; Ray with 1, then 2 CPUs
-    python benchmarks/ingest.py --cpus 1 --sequences 7 --frames 4 --pairs 4 --photos 14 --repeats 1   # seconds
+    python benchmarks/ingest.py --cpus 1 --sequences 7 --frames 4 --pairs 4 --photos 14 --repeats 1 --warmups 1
 
 Can a GPU node's CPUs feed ViT-B/32 (224-px images) and HTSAT (10-s 48-kHz clips)? For each `--cpus` N, a new
 process starts a fresh local Ray with N CPUs (`cliptime.runtime.start_local_ray`); the first writes three data sets
@@ -19,8 +19,12 @@ Each process then times, per data set, the project's own path:
           from creating the iterator to its last batch, the augmentation's time left out;
   augment: the task's `train_transform`, which the training step runs on its device, timed on each epoch batch on
           the device the batches go to (here the CPU: what a CPU-only worker pays; a GPU pays a fraction of it).
-Steady state: Ray starts before the clock, and one untimed `prepare` and one untimed epoch come first (Ray Data's
-workers start and import the task's modules). Epochs are timed whole, not from their first batch: the first batch
+Steady state: Ray starts before the clock, and `--warmups` untimed `prepare` runs and epochs come first: Ray Data's
+workers start and import the task's modules, and the memory the data passes through (the object store, the workers'
+heaps) is touched for the first time. That first touch is the machine's cost, not the data path's, and on a virtual
+machine whose host backs guest memory only when it is first written it dwarfs the rest: the benchmark measures it
+(`memory_write_seconds_per_gib`, a GiB written once and again, before anything else) and reports the first
+`prepare` beside the timed ones. Epochs are timed whole, not from their first batch: the first batch
 waits for the shuffle buffer (8 batches) to fill, so timing from it would count rows made before the clock started.
 `decode + epoch` is what one item costs from shard to tensor (1 / (1/decode + 1/epoch)); the headline figures
 per core are its lowest over the CPU settings. Per core: divided by the N CPUs Ray Data had; the reading process
@@ -107,22 +111,36 @@ def write_clips(folder: Path, args: argparse.Namespace) -> None:
     write_generated_shards(make_task("tclap", {**sizes, "audio_model": args.audio_model}), folder)
 
 
-def time_kind(task, repeats: int, batch_size: int, device: str) -> dict:
-    """Seconds of `prepare` and of training epochs of `task`'s shards, `repeats` of each after an untimed one."""
+def memory_write_seconds_per_gib() -> dict:
+    """Seconds to write a GiB this process never had (`first`: page faults, and a host's backing of them on a virtual
+    machine that backs guest memory lazily), then the same GiB again (`again`: the memory's own speed)."""
+    import numpy as np
+
+    gib = np.empty(2**30, dtype=np.uint8)
+    seconds = {}
+    for when, value in (("first", 1), ("again", 2)):
+        started = time.perf_counter()
+        gib.fill(value)
+        seconds[when] = time.perf_counter() - started
+    return seconds
+
+
+def time_kind(task, repeats: int, warmups: int, batch_size: int, device: str) -> dict:
+    """Seconds of `prepare` and of training epochs of `task`'s shards, `repeats` of each after `warmups` untimed."""
     import torch
 
     from cliptime.pipeline import prepare, steps_per_epoch, training_datasets
     from cliptime.train import SHUFFLE_BATCHES
 
     decode_seconds = []
-    for _ in range(repeats + 1):
+    for _ in range(warmups + repeats):
         started = time.perf_counter()
         data = prepare(task)
         decode_seconds.append(time.perf_counter() - started)
     steps_per_epoch(data, batch_size)  # at least one batch, or the error that says so
     train = training_datasets(data, seed=0)["train"]
     epoch_seconds, consumer_cpu_seconds, augment_seconds, train_rows = [], [], [], 0
-    for epoch in range(repeats + 1):
+    for epoch in range(warmups + repeats):
         started, cpu_started, train_rows = time.perf_counter(), time.process_time(), 0
         augmenting, augmenting_cpu = 0.0, 0.0  # wall and CPU time (all threads) of the device augmentation
         batches = train.iter_torch_batches(
@@ -148,11 +166,11 @@ def time_kind(task, repeats: int, batch_size: int, device: str) -> dict:
     return {
         "rows": sum(data.rows.values()),
         "train_rows": train_rows,
-        "decode_seconds": decode_seconds[1:],
-        "epoch_seconds": epoch_seconds[1:],
-        "consumer_cpu_seconds": consumer_cpu_seconds[1:],
-        "augment_seconds": augment_seconds[1:],
-        "warmup_seconds": {"decode": decode_seconds[0], "epoch": epoch_seconds[0]},
+        "decode_seconds": decode_seconds[warmups:],
+        "epoch_seconds": epoch_seconds[warmups:],
+        "consumer_cpu_seconds": consumer_cpu_seconds[warmups:],
+        "augment_seconds": augment_seconds[warmups:],
+        "warmup_seconds": {"decode": decode_seconds[:warmups], "epoch": epoch_seconds[:warmups]},
     }
 
 
@@ -176,7 +194,8 @@ def measure(work: Path, cpus: int, args: argparse.Namespace) -> dict:
         if (work / kind).is_dir():
             name, settings = task_settings(kind, args)
             batch_size = args.batch_size or task_class(name).train_config().batch_size
-            timed = time_kind(make_task(name, {"data": str(work / kind), **settings}), args.repeats, batch_size, device)
+            task = make_task(name, {"data": str(work / kind), **settings})
+            timed = time_kind(task, args.repeats, args.warmups, batch_size, device)
             timings[kind] = {"batch_size": batch_size, **timed}
     return timings
 
@@ -196,7 +215,13 @@ def summarize(timed: dict, cpus: int) -> dict:
                 "augment_ms_per_item": 1000 * augment_s / timed["train_rows"],
             }
         )
-    return {"cpus": cpus, **timed, **over_seeds(runs)}
+    first_decode = timed["rows"] / timed["warmup_seconds"]["decode"][0] if timed["warmup_seconds"]["decode"] else None
+    return {
+        "cpus": cpus,
+        **timed,
+        **over_seeds(runs),
+        "first_decode_per_second_per_core": first_decode and first_decode / cpus,
+    }
 
 
 def headline(results: dict, kind: str) -> float | None:
@@ -212,7 +237,7 @@ def scaling(results: dict, kind: str) -> float | None:
 
 
 def markdown(payload: dict) -> str:
-    rows = []
+    rows, memory = [], payload["memory_write_seconds_per_gib"]
     for by_cpus in payload["results"].values():
         for kind in KINDS:
             if kind in by_cpus:
@@ -225,6 +250,9 @@ def markdown(payload: dict) -> str:
                         str(r["batch_size"]),
                         mean_std(r["decode_per_second"], 0),
                         mean_std(r["decode_per_second_per_core"], 0),
+                        "-"
+                        if r["first_decode_per_second_per_core"] is None
+                        else f"{r['first_decode_per_second_per_core']:.0f}",
                         mean_std(r["epoch_per_second"], 0),
                         mean_std(r["epoch_per_second_per_core"], 0),
                         mean_std(r["decode_and_epoch_per_second_per_core"], 0),
@@ -232,7 +260,8 @@ def markdown(payload: dict) -> str:
                         mean_std(r["augment_ms_per_item"], 2),
                     ]
                 )
-    header = ["data", "Ray CPUs", "rows", "batch", "decode items/s", "per core", "epoch items/s", "per core"]
+    header = ["data", "Ray CPUs", "rows", "batch", "decode items/s", "per core", "first decode, per core"]
+    header += ["epoch items/s", "per core"]
     header += ["decode + epoch, per core", "reader CPU ms/item", f"augment on {payload['device']}, ms/item"]
     summary = [
         [
@@ -250,12 +279,14 @@ def markdown(payload: dict) -> str:
             "",
             f"Command: `{payload['command']}`  ",
             f"Machine: {payload['machine']}; batches to {payload['device']}  ",
+            f"Memory: a GiB written for the first time in {memory['first']:.2f} s, again in {memory['again']:.2f} s  ",
             f"Data: {payload['data']}",
             "",
             "Items per second through `prepare` (decode), a training epoch (`training_datasets` -> "
             "`iter_torch_batches`: block shuffle, local shuffle, tensors) and both (an item's whole cost); the "
             "training step's augmentation (`train_transform`) on the batches' device beside; "
-            f"means ± standard deviation over {payload['repeats']} timed runs after an untimed one.",
+            f"means ± standard deviation over {payload['repeats']} timed runs after {payload['warmups']} untimed; "
+            "the first (untimed) decode beside them.",
             "",
             markdown_table(header, rows),
             "",
@@ -279,7 +310,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200, help="T-CLAP training event pairs (clips: 2.5 per pair)")
     parser.add_argument("--audio-model", default="HTSAT-tiny", help="CLAP audio config: its clip length and rate")
     parser.add_argument("--batch-size", type=int, default=0, help="rows per training batch (0: the task's default)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed prepare runs and epochs, after an untimed one")
+    parser.add_argument("--repeats", type=int, default=3, help="timed prepare runs and epochs")
+    parser.add_argument("--warmups", type=int, default=3, help="untimed prepare runs and epochs before the timed")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--measure-in", help=argparse.SUPPRESS)  # internal: time the shards in this folder, print
     parser.add_argument("--measure-cpus", type=int, help=argparse.SUPPRESS)  # internal: on a Ray with these CPUs
@@ -291,6 +323,7 @@ def main() -> None:
     shown = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k != "out" and not k.startswith("measure")]
     command = "python benchmarks/ingest.py " + " ".join(flags)
+    memory = memory_write_seconds_per_gib()  # before Ray and the data sets take memory of their own
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for cpus in args.cpus:  # each setting a process of its own, with a fresh Ray
@@ -311,6 +344,8 @@ def main() -> None:
         "command": command,
         "device": device,
         "repeats": args.repeats,
+        "warmups": args.warmups,
+        "memory_write_seconds_per_gib": memory,
         "data": (
             f"{args.sequences} x {args.frames} generated images at {args.image_size} px and {args.photos} JPEG photos "
             f"for {args.model}; T-CLAP clips of {args.pairs} pairs for {args.audio_model}"

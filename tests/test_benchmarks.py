@@ -88,10 +88,15 @@ def test_quality_table_rows_carry_the_metrics_and_the_command(tmp_path):
 def test_ingest_writes_items_per_second_per_core_of_each_data_set(tmp_path):
     images = ["--sequences", "7", "--frames", "2", "--photos", "0"]  # photos (the time-lapse converter) cost seconds
     tiny = [*images, "--pairs", "2", "--audio-model", "cliptime-tiny-cnn6"]
-    result = bench("ingest.py", "--cpus", "1", "--batch-size", "2", "--repeats", "1", *tiny, out=tmp_path)
+    result = bench(
+        "ingest.py", "--cpus", "1", "--batch-size", "2", "--repeats", "1", "--warmups", "2", *tiny, out=tmp_path
+    )
+    assert 0 < result["memory_write_seconds_per_gib"]["again"] < 60
     for kind in ("images", "clips"):
         timed = result["results"]["1"][kind]
         assert timed["train_rows"] > 0 and len(timed["epoch_seconds"]) == len(timed["decode_seconds"]) == 1
+        assert len(timed["warmup_seconds"]["decode"]) == len(timed["warmup_seconds"]["epoch"]) == 2
+        assert timed["first_decode_per_second_per_core"] == timed["rows"] / timed["warmup_seconds"]["decode"][0]
         assert result[f"{kind}_per_second_per_core"] == timed["decode_and_epoch_per_second_per_core"]["mean"] > 0
 
 
