@@ -1,6 +1,7 @@
 """From a task's data to what its training workers read: prepared once, viewed per run.
 
-    shards (checked) or the task's generator -> decode once (map_batches, materialized)  = PreparedData
+    shards (checked, verified as read) or the task's generator -> decode once (map_batches, materialized)
+                                                                                         = PreparedData
       -> per run: the train split in a new block order each epoch                        = training_datasets
 
 A sweep prepares its data once on the driver and hands the prepared splits to every trial; each trial only adds
@@ -13,11 +14,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray.data
+import ray.exceptions
 
 from cliptime.convert import shard_folder
-from cliptime.data.shards import file_system, open_shards, parquet_files
-from cliptime.errors import CliptimeError
+from cliptime.data.shards import file_system, name_damaged_shard, open_shards, parquet_files
+from cliptime.errors import CliptimeError, find_cause
 from cliptime.tasks.base import Task
 
 DECODE_BATCH = 64  # rows per decode call; blocks of this size are also the unit of the per-epoch block shuffle
@@ -59,10 +62,14 @@ def prepare(task: Task) -> PreparedData:
     else:
         raw = task.generate()
     decode = task.preprocessor()
-    splits = {
-        split: ds.map_batches(decode, batch_format="numpy", batch_size=DECODE_BATCH).materialize()
-        for split, ds in raw.items()
-    }
+    splits = {}
+    for split, ds in raw.items():
+        try:
+            splits[split] = ds.map_batches(decode, batch_format="numpy", batch_size=DECODE_BATCH).materialize()
+        except ray.exceptions.RayTaskError as e:
+            if task.cfg.data and find_cause(e, lambda c: isinstance(c, (OSError, pa.ArrowException))):
+                name_damaged_shard(task.cfg.data, split, task.schema)  # a damaged page: one line naming its file
+            raise
     return PreparedData(task, splits, {split: ds.count() for split, ds in splits.items()}, test_fingerprint(task))
 
 

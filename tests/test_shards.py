@@ -9,6 +9,7 @@ import pytest
 
 from cliptime.data.shards import MANIFEST, open_shards, write_shards
 from cliptime.errors import CliptimeError
+from cliptime.pipeline import prepare
 from cliptime.tasks import make_task
 
 SMALL = {"sequences": 7, "frames": 4, "image_size": 32}
@@ -85,12 +86,13 @@ def damage_a_data_page(shard: Path) -> None:
 
 def test_a_damaged_data_page_is_named(shard_dir, tmp_path):
     """Encoded image bytes (JPEG) do not compress further, so a damaged byte in their pages decodes without error:
-    only the page checksums find it (else a damaged image would reach training, inside Ray)."""
+    only the page checksums find it (else a damaged image would reach training). Ray Data's read verifies them,
+    and the file is named after it fails."""
     broken = copy_tree(shard_dir, tmp_path / "broken")
     victim = sorted((broken / "train").glob("*.parquet"))[0]
     damage_a_data_page(victim)
     with pytest.raises(CliptimeError, match=re.escape(f"corrupt or truncated Parquet shard {victim}: ")) as error:
-        open_shards(broken, "cliptime", make_task("cliptime").schema)
+        prepare(make_task("cliptime", {"data": str(broken)}))
     assert "\n" not in str(error.value)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import pyarrow.fs
 import pyarrow.parquet as pq
 import ray.data
@@ -41,6 +42,13 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, over quo
 # file's whole first row group (up to 1,024 rows): with one row group per file, that was most of a 10-s clip shard,
 # about 1 GB read before the read itself (benchmarks/results/ingest-2026-12-07-row-groups.md).
 ROWS_PER_ROW_GROUP = 64
+# How Ray Data reads shards: every data page's checksum verified, so the read that decodes the data is the check of
+# its bytes (a second read-through in the driver cost as much as the decoding of 10-s clips,
+# benchmarks/results/ingest-2026-12-07-checked-in-the-read.md). An explicit option replaces Ray's own, whose
+# buffered 8-MiB reads are kept.
+VERIFIED_READ = pds.ParquetFragmentScanOptions(
+    page_checksum_verification=True, use_buffered_stream=True, buffer_size=8 * 2**20
+)
 
 
 def file_system(location: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -203,22 +211,26 @@ def check_columns(path: str, found: pa.Schema, schema: pa.Schema) -> None:
             raise CliptimeError(f"Parquet shard {path}: column {want.name!r} is {got}, expected {want.type}")
 
 
-def check_shard(path: str | Path, schema: pa.Schema, fs: pyarrow.fs.FileSystem | None = None) -> int:
-    """Read one shard through, as training will, and return its number of rows. A truncated file or damaged
-    footer, a missing or mistyped column, a data page that fails its checksum or does not decode, and NaN, infinite
-    or missing values in a float column (a target such as CLIPTime's `t`) fail here, naming the file, instead of
-    inside Ray during training.
+def check_shard(
+    path: str | Path, schema: pa.Schema, fs: pyarrow.fs.FileSystem | None = None, read_through: bool = True
+) -> int:
+    """Check one shard and return its number of rows. A truncated file or damaged footer, a missing or mistyped
+    column, and NaN, infinite or missing values in a float column (a target such as CLIPTime's `t`) fail here,
+    naming the file; with `read_through`, every column is read as training will, so a data page that fails its
+    checksum or does not decode fails here too. Without it only the float columns are read: the read that decodes
+    the shards verifies the other pages (`open_shards`, `name_damaged_shard`).
 
     Read batch by batch, so a shard costs the memory of one row group. Shards written before page checksums (or
     by other tools) have none to verify; their pages are still decoded. `fs`: the shard's file system (local)."""
     not_finite = {f.name: 0 for f in schema if pa.types.is_floating(f.type)}
     fs = fs or pyarrow.fs.LocalFileSystem()
     shown = display(fs, str(path))
+    columns = schema.names if read_through else list(not_finite)
     try:
         with fs.open_input_file(str(path)) as f, pq.ParquetFile(f, page_checksum_verification=True) as shard:
             check_columns(shown, shard.schema_arrow, schema)
             rows = shard.metadata.num_rows
-            for batch in shard.iter_batches(columns=schema.names):
+            for batch in shard.iter_batches(columns=columns) if columns else ():
                 for name in not_finite:
                     # is_finite is null for a missing value, so only finite values count as True
                     not_finite[name] += batch.num_rows - pc.sum(pc.is_finite(batch[name]), min_count=0).as_py()
@@ -234,8 +246,9 @@ def check_shard(path: str | Path, schema: pa.Schema, fs: pyarrow.fs.FileSystem |
 def open_shards(
     data_dir: str | Path, task: str, schema: pa.Schema, rows_per_block: int = 64
 ) -> tuple[dict[str, ray.data.Dataset], dict]:
-    """Check every shard of every split, then return lazy Ray datasets over them, read in blocks of about
-    `rows_per_block` rows, and the manifest.
+    """Check every shard of every split (`check_shard` without reading it through), then return lazy Ray datasets
+    over them, read in blocks of about `rows_per_block` rows with every page's checksum verified, and the manifest.
+    A read that fails on a damaged page is named by `name_damaged_shard`.
 
     Ray Data's default cuts a read into at least 200 blocks: blocks of one or two rows for a few hundred 10-s clips,
     and 2.3x slower decoding of clips (1.4x of images) than blocks of many rows (docs/measurements.md, "Feeding a
@@ -247,8 +260,19 @@ def open_shards(
         files = parquet_files(fs, f"{root}/{split}")
         if not files:
             raise CliptimeError(f"data directory {display(fs, root)} has no Parquet shards for split {split!r}")
-        rows = sum(check_shard(f, schema, fs) for f in files)
+        rows = sum(check_shard(f, schema, fs, read_through=False) for f in files)
         blocks = max(len(files), -(-rows // rows_per_block))
-        datasets[split] = ray.data.read_parquet(files, filesystem=fs, override_num_blocks=blocks)
+        datasets[split] = ray.data.read_parquet(
+            files, filesystem=fs, override_num_blocks=blocks, fragment_scan_options=VERIFIED_READ
+        )
         datasets[split] = datasets[split].select_columns(schema.names)
     return datasets, manifest
+
+
+def name_damaged_shard(data_dir: str | Path, split: str, schema: pa.Schema) -> None:
+    """After a read of `split` failed inside Ray (where the error names no file), read each of its shards through
+    in this process and raise the one-line error naming the first that fails; return if every one reads (the
+    failure was not the shards')."""
+    fs, root = file_system(data_dir)
+    for shard in parquet_files(fs, f"{root}/{split}"):
+        check_shard(shard, schema, fs)
