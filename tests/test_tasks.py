@@ -145,3 +145,26 @@ def test_old_names_still_work():
     assert task_class("tests.toy_task:ToyTask") is ToyTask and task_ref(ToyTask) == "tests.toy_task:ToyTask"
     with pytest.raises(CliptimeError, match="unknown task 'video'"):
         task_class("video")
+
+
+def test_decoding_tokenizes_each_distinct_caption_once_and_keeps_the_rows_in_order():
+    """Captions from templates repeat within a decode batch; each distinct one is tokenized once, and every row
+    gets its own caption's ids (the task's real tokenizers: CLIPTime's open_clip one, T-CLAP's CLIP BPE)."""
+    from cliptime.models.clap import tokenize as clap_tokenize
+    from cliptime.models.open_clip_backbone import tokenizer_for
+    from cliptime.tasks.base import tokenize_distinct
+
+    calls = []
+
+    def spelled(texts):
+        calls.append(list(texts))
+        return torch.tensor([[len(t), ord(t[0])] for t in texts])
+
+    captions = np.array(["b spore", "a hypha", "b spore", "c", "a hypha"], dtype=object)
+    assert tokenize_distinct(spelled, captions).tolist() == [[7, 98], [7, 97], [7, 98], [1, 99], [7, 97]]
+    assert calls == [["a hypha", "b spore", "c"]]
+    cliptime_tokens = tokenizer_for(make_task("cliptime").cfg.model)
+    assert np.array_equal(tokenize_distinct(cliptime_tokens, captions), cliptime_tokens(list(captions)).numpy())
+    tclap = make_task("tclap").preprocessor()
+    expected = clap_tokenize(list(captions), "transformer", tclap.encoder_args["context_length"]).numpy()
+    assert tclap.encoder_args["text_model"] == "transformer" and np.array_equal(tclap.tokenize(captions), expected)

@@ -61,7 +61,7 @@ from cliptime.models.open_clip_backbone import (
     image_size,
     tokenizer_for,
 )
-from cliptime.tasks.base import Batch, Converter, NumpyBatch, Task
+from cliptime.tasks.base import Batch, Converter, NumpyBatch, Task, tokenize_distinct
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ class CLIPTimePreprocessor:
     def __call__(self, batch: NumpyBatch) -> NumpyBatch:
         return {
             "image": np.stack([decode_image(b, self.size) for b in batch["image"]]),
-            "tokens": tokenizer_for(self.model)([str(c) for c in batch["caption"]]).numpy(),
+            "tokens": tokenize_distinct(tokenizer_for(self.model), batch["caption"]),
             "stage": np.array([STAGES.index(s) for s in batch["stage"]], dtype=np.int64),
             "t": np.asarray(batch["t"], dtype=np.float32),
         }

@@ -68,7 +68,7 @@ from cliptime.data.order_phrases import HELDOUT_PHRASES, reversal
 from cliptime.data.sound_events import EVENT_CLASSES, ORDER_TEMPLATES, SEAMS, generate_block, order_templates
 from cliptime.errors import CliptimeError
 from cliptime.models.clap import CLAPEncoder, check_clap, tokenize, waveform
-from cliptime.tasks.base import Batch, Converter, NumpyBatch, Task
+from cliptime.tasks.base import Batch, Converter, NumpyBatch, Task, tokenize_distinct
 
 PAIRS_PER_BLOCK = 25
 # the settings that make the generated data set what it is (recorded in shard manifests)
@@ -147,7 +147,7 @@ class TCLAPPreprocessor:
 
     def tokenize(self, texts) -> np.ndarray:
         args = self.encoder_args
-        return tokenize([str(t) for t in texts], args["text_model"], args["context_length"]).numpy()
+        return tokenize_distinct(lambda t: tokenize(t, args["text_model"], args["context_length"]), texts)
 
     def __call__(self, batch: NumpyBatch) -> NumpyBatch:
         samples = self.encoder_args["clip_samples"]
