@@ -215,13 +215,9 @@ def summarize(timed: dict, cpus: int) -> dict:
                 "augment_ms_per_item": 1000 * augment_s / timed["train_rows"],
             }
         )
-    first_decode = timed["rows"] / timed["warmup_seconds"]["decode"][0] if timed["warmup_seconds"]["decode"] else None
-    return {
-        "cpus": cpus,
-        **timed,
-        **over_seeds(runs),
-        "first_decode_per_second_per_core": first_decode and first_decode / cpus,
-    }
+    warmups = timed["warmup_seconds"]["decode"]
+    first_decode = timed["rows"] / warmups[0] / cpus if warmups else None
+    return {"cpus": cpus, **timed, **over_seeds(runs), "first_decode_per_second_per_core": first_decode}
 
 
 def headline(results: dict, kind: str) -> float | None:

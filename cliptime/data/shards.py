@@ -43,8 +43,9 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, over quo
 # about 1 GB read before the read itself (benchmarks/results/ingest-2026-12-07-row-groups.md).
 ROWS_PER_ROW_GROUP = 64
 # How Ray Data reads shards: every data page's checksum verified, so the read that decodes the data is the check of
-# its bytes (a second read-through in the driver cost as much as the decoding of 10-s clips,
-# benchmarks/results/ingest-2026-12-07-checked-in-the-read.md). An explicit option replaces Ray's own, whose
+# its bytes. A read-through in the driver first cost 1.5 s for 1,536 10-s clips against 2.5 s for Ray Data's read
+# and decode (docs/measurements.md, "New memory, and the check that read every shard twice";
+# benchmarks/results/ingest-2026-12-07-checked-in-the-read-ab.md). An explicit option replaces Ray's own, whose
 # buffered 8-MiB reads are kept.
 VERIFIED_READ = pds.ParquetFragmentScanOptions(
     page_checksum_verification=True, use_buffered_stream=True, buffer_size=8 * 2**20
@@ -230,7 +231,7 @@ def check_shard(
         with fs.open_input_file(str(path)) as f, pq.ParquetFile(f, page_checksum_verification=True) as shard:
             check_columns(shown, shard.schema_arrow, schema)
             rows = shard.metadata.num_rows
-            for batch in shard.iter_batches(columns=columns) if columns else ():
+            for batch in shard.iter_batches(columns=columns):
                 for name in not_finite:
                     # is_finite is null for a missing value, so only finite values count as True
                     not_finite[name] += batch.num_rows - pc.sum(pc.is_finite(batch[name]), min_count=0).as_py()
