@@ -178,3 +178,29 @@ def test_sweeps_verdicts_and_table_of_hand_made_figures(tmp_path, space, text, b
     assert f"| defaults | {statistics.fmean(defaults):.3f} ± {statistics.stdev(defaults):.3f} |" in md
     assert all(f"| {k} | {'yes' if met else 'NO'} |" in md for k, met in named.items())
     assert json.loads(json.dumps(r)) == r
+
+
+def test_phrasings_scores_each_pattern_by_whether_the_clip_s_own_order_wins():
+    """A stand-in model that reads order as the order of mention: right in every pattern that names the first
+    event first, wrong in every one that names the second event first, whatever the leads and capitals."""
+    import torch
+
+    from cliptime.data.order_phrases import HELDOUT_PATTERNS, TRAIN_PATTERNS
+    from tests.test_readme import benchmark_module
+
+    labels = ["a dog barking", "knocking", "a wailing siren"]
+    events = [(a, b) for a in labels for b in labels if a != b]
+    axis = {label: torch.eye(len(labels))[i] for i, label in enumerate(labels)}
+    audio = torch.stack([axis[a] - axis[b] for a, b in events])
+
+    def embed(texts):
+        mentioned = [sorted(labels, key=lambda label: t.lower().find(label)) for t in texts]
+        return torch.stack([axis[m[-2]] - axis[m[-1]] for m in mentioned])  # the two labels the text names
+
+    scores = benchmark_module("phrasings").pattern_scores(audio, events, embed)
+    assert set(scores) == set(TRAIN_PATTERNS) | set(HELDOUT_PATTERNS)
+    for pattern, s in scores.items():
+        expected = 0.0 if pattern.index("{second}") < pattern.index("{first}") else 1.0
+        assert s["bare"] == s["variants"] == expected, pattern
+        assert s["kind"] == ("train" if pattern in TRAIN_PATTERNS else "heldout")
+    assert scores["{first} followed by {second}"]["phrasings"] == 18  # 5 leads x capital x full stop, less twins

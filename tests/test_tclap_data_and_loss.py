@@ -34,6 +34,7 @@ from cliptime.tasks.tclap import (
     contrastive_keys,
     contrastive_loss,
     heldout_phrasing,
+    rephrased,
     retrieval,
     reversed_audio_loss,
     tclassify,
@@ -263,6 +264,39 @@ def test_train_transform_scales_each_clip_by_its_own_gain_and_keeps_the_rest():
     assert out["key"] is batch["key"] and torch.equal(audio, torch.ones(256, 100))  # the input is left as it was
 
 
+def test_rephrasing_draws_each_mixed_clip_s_caption_anew_with_its_exact_reversal():
+    labels = ["a dog barking", "knocking", "a wailing siren"]
+    sets = [
+        ("{first} then {second}",),
+        ("{second} after {first}", "after {first}, {second}", "{first} precedes {second}"),
+    ]
+    texts: list[str] = []  # a stand-in tokenizer: a text's ids are its index here, repeated over the context
+
+    def tokenize(batch_texts, context_length):
+        for t in batch_texts:
+            if t not in texts:
+                texts.append(t)
+        return torch.tensor([[100 + texts.index(t)] * context_length for t in batch_texts])
+
+    # a mixed pair in both orders, a single event, an overlapping clip, and a mixed clip of other classes
+    pair, first, second = torch.tensor([0, 0, -1, -2, 1]), torch.tensor([0, 1, 2, 0, 2]), torch.tensor([1, 0, -1, 1, 0])
+    tokens, neg_tokens = torch.arange(5)[:, None].repeat(1, 8), -torch.arange(5)[:, None].repeat(1, 8)
+    batch = {"pair": pair, "first": first, "second": second, "tokens": tokens, "neg_tokens": neg_tokens}
+    from_first_set = 0
+    for _ in range(400):
+        out = rephrased(batch, sets, labels, tokenize)
+        for k, kept in (("tokens", tokens), ("neg_tokens", neg_tokens)):
+            assert torch.equal(out[k][[2, 3]], kept[[2, 3]])  # no order to rephrase
+        for row in (0, 1, 4):
+            caption, negative = (texts[int(out[k][row, 0]) - 100] for k in ("tokens", "neg_tokens"))
+            a, b = labels[first[row]], labels[second[row]]
+            assert (caption, negative) in [reversal(p, a, b) for ps in sets for p in ps]
+            from_first_set += " then " in caption
+    assert torch.equal(batch["tokens"], tokens) and torch.equal(batch["neg_tokens"], neg_tokens)  # input kept
+    assert set(texts) >= {reversal(p, labels[0], labels[1])[0] for ps in sets for p in ps}  # every phrasing drawn
+    assert 0.45 < from_first_set / 1200 < 0.55  # each set equally likely, however many phrasings it has
+
+
 def test_temporal_loss_falls_when_the_positive_caption_is_closer():
     audio = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=-1)
     pos_far, pos_near = F.normalize(torch.tensor([[0.2, 1.0, 0.0]]), dim=-1), audio.clone()
@@ -293,6 +327,26 @@ def test_temporal_loss_joins_after_the_contrastive_only_epochs():
         assert torch.isclose(loss, full if joined else parts["contrastive_loss"]), epoch
         assert parts["temporal_loss"] > 0  # still logged while it does not count
     assert torch.isclose(task.loss(model, batch)[0], full)  # a pure function of (epoch, epochs): nothing stuck
+
+
+def test_rephrasing_joins_after_its_start_and_changes_the_captions_the_loss_sees(monkeypatch):
+    import cliptime.tasks.tclap as tclap
+    from tests.test_task_models import BATCHES
+
+    task = make_task("tclap", {"rephrase": "basic+grammar", "rephrase_start": 0.25})
+    model = task.build_model().eval()
+    batch = BATCHES["tclap"](torch.Generator().manual_seed(0))
+    own, _ = make_task("tclap", {}).loss(model, batch, 2, 8)
+    redrawn, _ = task.loss(model, batch, 2, 8)  # the real tokenizer, on the batch's mixed pair
+    assert torch.isfinite(redrawn) and not torch.isclose(redrawn, own)
+    drawn_in = []
+    monkeypatch.setattr(tclap, "rephrased", lambda b, sets, *_: drawn_in.append(sets) or b)
+    for epoch in range(8):
+        task.loss(model, batch, epoch, 8)
+    assert len(drawn_in) == 6  # round(0.25 * 8) = 2 epochs on the rows' own captions
+    assert drawn_in[0] == [ORDER_TEMPLATES["basic"], ORDER_TEMPLATES["grammar"]]
+    make_task("tclap", {}).loss(model, batch, 7, 8)
+    assert len(drawn_in) == 6  # the default keeps the rows' captions
 
 
 def test_order_features_follow_the_order_of_events_not_their_place_in_the_clip():
@@ -356,6 +410,8 @@ def test_tclassify_and_retrieval_on_hand_made_embeddings():
         ({"temporal_start": 1.0}, "--temporal-start"),
         ({"seams": "splice"}, "--seams"),
         ({"simultaneous": 1.5}, "--simultaneous"),
+        ({"rephrase": "basic+limerick"}, "limerick"),
+        ({"rephrase_start": 1.0}, "--rephrase-start"),
     ],
 )
 def test_bad_settings_are_named(config, named):

@@ -111,6 +111,15 @@ class TCLAPConfig:
         "basic", "order-caption template set: basic (3 phrasings), rich (7) or grammar (246 composed from parts)"
     )
     data_seed: int = option(0, "seed of the generated data set")
+    rephrase: str = option(
+        "",
+        "template sets joined by '+' (e.g. basic+grammar) from which each mixed training clip's order caption is drawn "
+        "anew at every step after --rephrase-start, each set equally likely, the negative the same phrasing reversed; "
+        "'' keeps each row's own caption. Validation and test captions are never redrawn",
+    )
+    rephrase_start: float = option(
+        0.5, "fraction of the epochs trained on the rows' own captions before --rephrase draws them anew"
+    )
     audio_model: str = option("cliptime-tiny-cnn6", "CLAP audio config (laion_clap's, or cliptime-tiny-cnn6)")
     text_model: str = option(
         "transformer",
@@ -347,9 +356,16 @@ class TCLAPTask(Task):
     def check(self) -> None:
         c = self.cfg
         order_templates(c.templates)
+        for name in filter(None, c.rephrase.split("+")):
+            if name not in ORDER_TEMPLATES:
+                raise CliptimeError(
+                    f"--rephrase {c.rephrase!r}: unknown template set {name!r} (known: {', '.join(ORDER_TEMPLATES)})"
+                )
         check_clap(c.audio_model, c.text_model, c.pretrained)
         if not 0 <= c.gap[0] <= c.gap[1]:
             raise CliptimeError(f"--gap {c.gap[0]:g} {c.gap[1]:g}: expected 0 <= min <= max")
+        if not 0 <= c.rephrase_start < 1:
+            raise CliptimeError(f"--rephrase-start {c.rephrase_start:g}: expected a fraction of the epochs in [0, 1)")
         if c.seams not in SEAMS:
             raise CliptimeError(f"--seams {c.seams!r}: expected one of {', '.join(SEAMS)}")
         if not 0 <= c.simultaneous <= 1:
@@ -427,6 +443,13 @@ class TCLAPTask(Task):
             c.audio_model, c.text_model, c.pretrained if load_pretrained else "", c.spec_time_drop, c.order_pooling
         )
 
+    def rephrasing_at(self, epoch: int | None, epochs: int | None) -> list[tuple[str, ...]]:
+        """The template sets that mixed clips' captions are drawn from in `epoch` of `epochs` (`--rephrase`, none
+        before `--rephrase-start`): first the order in the rows' own phrasings, then the same order in many."""
+        if not self.cfg.rephrase or (epoch is not None and epoch < round(self.cfg.rephrase_start * epochs)):
+            return []
+        return [ORDER_TEMPLATES[name] for name in self.cfg.rephrase.split("+")]
+
     def temporal_weight_at(self, epoch: int | None, epochs: int | None) -> float:
         """Lambda in `epoch` of `epochs`: 0 for the first --temporal-start of the epochs, then --lambda (the
         whole weight outside a run)."""
@@ -437,6 +460,10 @@ class TCLAPTask(Task):
     def loss(
         self, model: nn.Module, batch: Batch, epoch: int | None = None, epochs: int | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        template_sets = self.rephrasing_at(epoch, epochs)
+        if template_sets:
+            labels, text_model = list(self.event_classes.values()), self.cfg.text_model
+            batch = rephrased(batch, template_sets, labels, lambda texts, n: tokenize(texts, text_model, n))
         audio, pos, neg, scale = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
         lc = contrastive_loss(audio, pos, batch["key"], scale)
         lt = temporal_loss(audio, pos, neg, scale, batch["ordered"].float())
@@ -571,6 +598,31 @@ class TCLAPTask(Task):
             first_wins = predictions["score"].iloc[0] >= predictions["score"].iloc[1]
             result["order"] = list(args.order) if first_wins else list(reversed(args.order))
         return result
+
+
+def rephrased(batch: Batch, template_sets: list[tuple[str, ...]], labels: list[str], tokenize) -> Batch:
+    """`batch` with the caption of each mixed clip (`pair` >= 0: two classed events, one after the other) drawn anew
+    from one of `template_sets` (each equally likely), then one of its phrasings, and its negative the same phrasing
+    with the two events swapped. Single events, free-text captions and overlapping clips keep theirs.
+
+    A row's caption is otherwise fixed when its data are made: with the 246 phrasings of `grammar`, each would meet a
+    pair or two of 500, and a phrasing seen once teaches little about how people say "A, then B". Drawn every step,
+    every phrasing meets many pairs. `tokenize(texts, context_length)` gives the model's token ids."""
+    rows = torch.nonzero(batch["pair"] >= 0).squeeze(1)
+    if len(rows) == 0:
+        return batch
+    which = torch.randint(len(template_sets), (len(rows),)).tolist()
+    at = torch.rand(len(rows)).tolist()
+    first, second = batch["first"][rows].tolist(), batch["second"][rows].tolist()
+    texts = [
+        reversal(template_sets[k][int(u * len(template_sets[k]))], labels[a], labels[b])
+        for k, u, a, b in zip(which, at, first, second)
+    ]
+    ids = tokenize([t[0] for t in texts] + [t[1] for t in texts], batch["tokens"].shape[1])
+    tokens, negatives = batch["tokens"].clone(), batch["neg_tokens"].clone()
+    tokens[rows] = ids[: len(rows)].to(tokens)
+    negatives[rows] = ids[len(rows) :].to(negatives)
+    return {**batch, "tokens": tokens, "neg_tokens": negatives}
 
 
 def heldout_phrasing(model, labels, first, second, pair, mixed, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
