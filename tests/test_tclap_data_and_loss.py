@@ -411,6 +411,7 @@ def test_tclassify_and_retrieval_on_hand_made_embeddings():
         ({"seams": "splice"}, "--seams"),
         ({"simultaneous": 1.5}, "--simultaneous"),
         ({"rephrase": "basic+limerick"}, "limerick"),
+        ({"rephrase": "basic+"}, "--rephrase"),
         ({"rephrase_start": 1.0}, "--rephrase-start"),
     ],
 )

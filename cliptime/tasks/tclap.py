@@ -356,7 +356,7 @@ class TCLAPTask(Task):
     def check(self) -> None:
         c = self.cfg
         order_templates(c.templates)
-        for name in filter(None, c.rephrase.split("+")):
+        for name in c.rephrase.split("+") if c.rephrase else ():  # "basic+" names an empty set: rejected
             if name not in ORDER_TEMPLATES:
                 raise CliptimeError(
                     f"--rephrase {c.rephrase!r}: unknown template set {name!r} (known: {', '.join(ORDER_TEMPLATES)})"
