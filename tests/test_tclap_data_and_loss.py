@@ -400,6 +400,39 @@ def test_tclassify_and_retrieval_on_hand_made_embeddings():
     assert r["a2t_R1"] == 0.5 and r["a2t_R5"] == 1.0
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_a_caption_two_recordings_share_ties_with_itself_in_retrieval(seed):
+    """Two recordings with the same five caption vectors: each recording's best caption is also the other's copy,
+    and ties with it (a2t R@1 = 1). Scored in one matrix product, equal columns can differ in their last bits
+    with their places (seed 3 gave R@1 0.5 so on this machine's BLAS)."""
+    g = torch.Generator().manual_seed(seed)
+    audio = F.normalize(torch.randn(2, 512, generator=g), dim=-1)
+    captions = F.normalize(torch.randn(5, 512, generator=g), dim=-1)
+    recording = torch.arange(2).repeat_interleave(5)
+    assert retrieval(audio[recording], captions.repeat(2, 1), recording, recording)["a2t_R1"] == 1.0
+
+
+def test_recordings_that_share_their_captions_tie_whatever_batch_each_caption_came_in():
+    """Captioned audio where 16 recordings carry the same five captions, in batches of other sizes: each
+    recording's best caption is every recording's, and must tie with its copies exactly (a2t R@1 = 1). Embedded in
+    the batch it came in, the same caption differs in its last bits from batch to batch, and that noise ranks some
+    copies above a recording's own (R@1 0.81)."""
+    task = make_task("tclap")
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    recordings = torch.arange(16).repeat_interleave(5)
+    captions = [f"a sound, heard take {i % 5}" for i in range(80)]
+    tokens = model.tokenize(captions)
+    audio = 0.1 * torch.randn(16, 32000, generator=torch.Generator().manual_seed(1))[recordings]
+    none = torch.full((80,), -1)
+    rows = {"audio": audio, "tokens": tokens, "neg_tokens": tokens, "first": none, "second": none, "pair": none}
+    rows |= {"key": recordings, "clip": recordings, "ordered": torch.zeros(80, dtype=torch.bool)}
+    cuts = [0, 7, 30, 33, 80]  # batches of 7, 23, 3 and 47 rows
+    batches = [{k: v[a:b] for k, v in rows.items()} for a, b in zip(cuts, cuts[1:])]
+    metrics, _ = task.evaluate(model, batches)
+    assert metrics["a2t_R1"] == 1.0
+
+
 @pytest.mark.parametrize(
     "config,named",
     [

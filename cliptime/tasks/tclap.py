@@ -484,13 +484,14 @@ class TCLAPTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> tuple[dict[str, float], dict[str, Any]]:
         model.eval()
-        columns = ("first", "second", "key", "pair", "clip", "ordered")
-        rows: dict[str, list] = {k: [] for k in ("a", "t", "n", *columns)}
+        columns = ("tokens", "neg_tokens", "first", "second", "key", "pair", "clip", "ordered")
+        rows: dict[str, list] = {k: [] for k in ("a", *columns)}
         for batch in batches:
-            a, t, n, _ = model(batch["audio"], batch["tokens"], batch["neg_tokens"])
-            for k, v in zip(rows, (a, t, n, *(batch[c] for c in columns))):
+            a, _ = model(batch["audio"])
+            for k, v in zip(rows, (a, *(batch[c] for c in columns))):
                 rows[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
         r = {k: torch.cat(v) for k, v in rows.items()}
+        r["t"], r["n"] = embed_distinct(model, torch.cat([r["tokens"], r["neg_tokens"]])).split(len(r["a"]))
         device = next(model.parameters()).device
         labels = list(self.event_classes.values())
         # each metric on the rows it is defined for; one no row allows is left out
@@ -625,6 +626,16 @@ def rephrased(batch: Batch, template_sets: list[tuple[str, ...]], labels: list[s
     return {**batch, "tokens": tokens, "neg_tokens": negatives}
 
 
+def embed_distinct(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Text embeddings of token rows, each distinct row embedded once. A row's embedding changes in its last bits
+    with the batch it is computed in, so the same caption in two batches would not tie with itself, and a caption
+    several recordings share (captioned audio) would be ranked by that noise in `retrieval`."""
+    distinct, row_of = torch.unique(tokens, dim=0, return_inverse=True)
+    device = next(model.parameters()).device
+    chunks = [model(None, distinct[s : s + 256].to(device))[1] for s in range(0, len(distinct), 256)]
+    return torch.cat(chunks).float().cpu()[row_of]
+
+
 def heldout_phrasing(model, labels, first, second, pair, mixed, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Text embeddings of each mixed clip's order told in a phrasing no training set uses, and of its reversal
     (zeros for single-event clips). Both clips of a pair get the same phrasing (`HELDOUT_PHRASES`, by pair id);
@@ -671,7 +682,11 @@ def retrieval(audio, text, keys, clips, ks=(1, 5, 10)) -> dict[str, float]:
     captioned five times is one item to find) and every row's caption; a retrieved item is correct when it has the
     row's key: the same events in the same order, or for free-text captions the same recording."""
     recordings = torch.from_numpy(np.unique(clips.numpy(), return_index=True)[1])
-    sim = audio[recordings] @ text.T
+    # Scored once per distinct caption vector, then spread to its rows: a matrix product's entries for two equal
+    # columns can differ in their last bits with the columns' places, and a caption that several recordings share
+    # must tie with itself (evaluate embeds each distinct caption once, for the same reason).
+    captions, caption_of = torch.unique(text, dim=0, return_inverse=True)
+    sim = (audio[recordings] @ captions.T)[:, caption_of]
     relevant = keys[recordings][:, None] == keys[None, :]
     out = {}
     for name, s, r in (("a2t", sim, relevant), ("t2a", sim.T, relevant.T)):
