@@ -645,13 +645,10 @@ def heldout_phrasing(model, labels, first, second, pair, mixed, dim: int) -> tup
         reversal(HELDOUT_PHRASES[int(pair[i]) % len(HELDOUT_PHRASES)], labels[first[i]], labels[second[i]])
         for i in rows
     ]
-    device = next(model.parameters()).device
     pos, neg = torch.zeros(len(first), dim), torch.zeros(len(first), dim)
-    for start in range(0, len(rows), 256):
-        chunk, at = texts[start : start + 256], rows[start : start + 256]
-        caption, negative = (model.tokenize([t[k] for t in chunk]).to(device) for k in (0, 1))
-        _, pos_emb, neg_emb, _ = model(None, caption, negative)
-        pos[at], neg[at] = pos_emb.float().cpu(), neg_emb.float().cpu()
+    if rows:
+        tokens = model.tokenize([t[0] for t in texts] + [t[1] for t in texts])
+        pos[rows], neg[rows] = embed_distinct(model, tokens).split(len(rows))
     return pos, neg
 
 
