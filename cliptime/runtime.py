@@ -24,6 +24,10 @@ from ray._private import ray_constants
 from cliptime.errors import CliptimeError
 
 LOCK = "cliptime.lock"  # the run folder's lock: which process holds the run
+# How often Ray Train's controller polls a run's workers (Ray's default: every 2 s). A run's end waits for a
+# poll or two, and a job runs few workers, so its runs poll every 0.5 s unless the environment says otherwise
+# (benchmarks/results/job-start-2026-12-07.md).
+TRAIN_POLL_ENV, TRAIN_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 # -- Ray ------------------------------------------------------------------------------------------------------
@@ -34,7 +38,11 @@ def init_ray(reserved_cpus: int = 0, log_to_driver: bool = True) -> None:
     Locally Ray gets at least one logical CPU more than training workers reserve, so Ray Data always has one
     to run on (with none left it stalls, and training waits on it forever). Without `log_to_driver`, what Ray's
     workers print stays in Ray's log files (the session's `logs/` folder) instead of this process's output.
+
+    Ray Train passes the poll interval (TRAIN_POLL_ENV) from the environment of the process that starts a run
+    to the run's controller and workers; a local Ray's processes inherit it from this one.
     """
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_SECONDS)
     if ray.is_initialized():
         return
     with handlers_kept(signal.SIGTERM):  # cliptime.cli.run_job's: SIGTERM stops a job as Ctrl-C does

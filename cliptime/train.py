@@ -73,10 +73,10 @@ def load_newest_intact(run_folder: str, device: str | torch.device, say=print) -
 
     Every checkpoint folder of the run counts, not only those that Ray Train's controller registered (its
     `get_checkpoint`): a worker writes its checkpoint out first, and the controller registers it only at its
-    next poll (every 2 s), so a job stopped in between would resume from an older checkpoint, or from
-    scratch (tests/test_recovery.py). A checkpoint that cannot be read (a crash while it was written out, a damaged
-    disk) is passed over for the one before, and `say` tells the person so. Checkpoint folders are named by the
-    time Ray made them."""
+    next poll (every 0.5 s in a job, cliptime.runtime.TRAIN_POLL_SECONDS), so a job stopped in between would
+    resume from an older checkpoint, or from scratch (tests/test_recovery.py). A checkpoint that cannot be read
+    (a crash while it was written out, a damaged disk) is passed over for the one before, and `say` tells the
+    person so. Checkpoint folders are named by the time Ray made them."""
     fs, newest_first = checkpoint_folders(run_folder)
     for path in newest_first:
         try:
@@ -317,7 +317,9 @@ def fit(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Several workers each read their part of the train split through a coordinator actor; one worker reads
+        # all of it itself, the same batches without the coordinator's process to start and feed
+        dataset_config=DataConfig(datasets_to_split=["train"] if tc.num_workers > 1 else []),
     )
     try:
         shown = follow(messages, tc.epochs, steps_per_epoch) if messages.queue is not None else contextlib.nullcontext()

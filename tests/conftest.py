@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from cliptime.runtime import free_port, start_local_ray
+from cliptime.runtime import TRAIN_POLL_ENV, free_port, start_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Ray Train's controller polls its workers every 2 s, and a run's start and end each wait for a poll; the suite runs
-# dozens of short runs. Set before any Ray starts, so the tests' Ray, the jobs they spawn and the clusters they
-# start all inherit it (tests/test_job_shell.py: 68-73 s against 83-90 s, two runs each).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# Ray Train's controller polls its workers every 2 s by default (a job: every 0.5 s, cliptime.runtime), and a run's
+# end waits for a poll or two; the suite runs dozens of short runs. Set before any Ray starts, so the tests' Ray,
+# the jobs they spawn and the clusters they start all inherit it (tests/test_job_shell.py: 68-73 s against
+# 83-90 s at 2 s, two runs each).
+os.environ.setdefault(TRAIN_POLL_ENV, "0.1")
 
 
 @pytest.fixture(scope="session")

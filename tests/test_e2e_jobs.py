@@ -36,8 +36,11 @@ TINY_CLIPTIME = [
 
 
 def kill_once_checkpointed(cmd: list[str], env: dict, cwd, storage, pattern: str, timeout: float = 400) -> None:
-    """Start `cmd` in its own process group and SIGKILL the whole group (the driver, its local Ray and the
-    training workers, at once) as soon as a checkpoint directory matching `pattern` exists under `storage`."""
+    """Start `cmd` in its own process group and SIGKILL the whole group (the driver and its local Ray, at once)
+    as soon as a checkpoint directory matching `pattern` exists under `storage`; return once nothing writes there.
+
+    Ray's workers are not in that group: a training worker goes on (copying a checkpoint it had begun) until it
+    finds its raylet gone, a second or two later. What the resumed job finds is what storage holds after that."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True
     )
@@ -47,6 +50,21 @@ def kill_once_checkpointed(cmd: list[str], env: dict, cwd, storage, pattern: str
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_until_unchanged(storage)
+
+
+def wait_until_unchanged(folder: Path, quiet: float = 5.0, timeout: float = 120) -> None:
+    """Wait until no file under `folder` has changed (appeared, grown or been written) for `quiet` seconds."""
+
+    def files() -> set[tuple]:
+        return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+    deadline, seen, since = time.time() + timeout, files(), time.time()
+    while time.time() - since < quiet:
+        assert time.time() < deadline, f"{folder} still changing after {timeout} s"
+        time.sleep(0.5)
+        if (now := files()) != seen:
+            seen, since = now, time.time()
 
 
 def epochs_in_newest_readable_checkpoint(storage: Path) -> int:

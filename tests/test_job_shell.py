@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -18,9 +19,19 @@ from cliptime.cli import predict_main
 from cliptime.errors import CliptimeError
 from cliptime.predict import load
 from cliptime.registry import load_files
-from cliptime.runtime import Storage
+from cliptime.runtime import TRAIN_POLL_ENV, TRAIN_POLL_SECONDS, Storage, init_ray
 from tests.conftest import registered_versions
 from tests.toy_task import ToyConfig, ToyTask
+
+SPLIT_COORDINATORS: dict[str, int] = {}  # Ray Data's coordinator actors in the Ray session, before and after toy_run
+
+
+def split_coordinators() -> int:
+    """Ray Data's streaming-split coordinator actors of this Ray session so far, alive or ended."""
+    from ray.util.state import list_actors
+
+    found = list_actors(filters=[("class_name", "=", "SplitCoordinator")], limit=10_000, raise_on_missing_output=False)
+    return len(found)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +43,9 @@ def toy_run(ray_session, migrated_store_file, tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     task = ToyTask(ToyConfig(generate_log=str(root / "generated.log")))
     tc = ToyTask.train_config(storage_path=str(root / "ray_results"), experiment="test-toy")
+    SPLIT_COORDINATORS["before"] = split_coordinators()
     result = job.run(task, tc)
+    SPLIT_COORDINATORS["after"] = split_coordinators()
     yield result, task, tc, uri, root
     mp.undo()
 
@@ -45,6 +58,25 @@ def test_the_job_learns_what_the_data_say(toy_run):
     client = MlflowClient(uri)
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "val/accuracy")) == [0, 1, 2]
     assert client.get_run(result.run_id).data.params["train.lr"] == "0.01"  # the task's preset, not TrainConfig's
+
+
+def test_one_worker_reads_the_train_split_without_a_coordinator(toy_run):
+    """Several workers each read their part of the train split through Ray Data's coordinator actor; the toy
+    job's one worker reads all of it itself, without that actor's process to start (on the old split the run
+    made one). That the batches are the same: benchmarks/results/job-start-2026-12-07.md."""
+    _, _, tc, _, _ = toy_run
+    assert tc.num_workers == 1
+    assert SPLIT_COORDINATORS["after"] == SPLIT_COORDINATORS["before"], SPLIT_COORDINATORS
+
+
+def test_a_poll_interval_set_in_the_environment_is_kept(ray_session, monkeypatch):
+    """Jobs poll their training runs every 0.5 s unless the person set Ray Train's variable themselves."""
+    monkeypatch.setenv(TRAIN_POLL_ENV, "3")
+    init_ray()
+    assert os.environ[TRAIN_POLL_ENV] == "3"
+    monkeypatch.delenv(TRAIN_POLL_ENV)
+    init_ray()
+    assert os.environ[TRAIN_POLL_ENV] == TRAIN_POLL_SECONDS
 
 
 def test_the_data_are_made_once(toy_run):

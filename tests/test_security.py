@@ -16,7 +16,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from cliptime import runtime, tracking
-from cliptime.runtime import free_port
+from cliptime.runtime import TRAIN_POLL_SECONDS, free_port
 from tests.conftest import ROOT
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}  # the last: 127.0.0.1 on an IPv6 socket (Ray's gRPC servers)
@@ -33,11 +33,11 @@ import psutil
 import ray
 import requests
 
-from cliptime.runtime import start_local_ray
+from cliptime.runtime import init_ray
 from cliptime.tracking import tracking_uri
 
 tracking_uri()
-start_local_ray(1)
+init_ray()
 worker_env = ray.get(ray.remote(lambda: dict(os.environ)).remote())
 node = ray.nodes()[0]
 served = [node[k] for k in ("NodeManagerPort", "ObjectManagerPort", "MetricsExportPort", "MetricsAgentPort")]
@@ -63,7 +63,10 @@ print(json.dumps({
     "token_mode": stat.S_IMODE(token_file.stat().st_mode),
     "without_token": requests.get(api).status_code,
     "with_token": requests.get(api, headers={"Authorization": f"Bearer {token_file.read_text()}"}).status_code,
-    "worker_env": {k: worker_env.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD")},
+    "worker_env": {
+        k: worker_env.get(k)
+        for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    },
 }))
 ray.shutdown()
 """
@@ -104,6 +107,12 @@ def test_ray_token_file_is_the_owners_only_and_guards_the_dashboard(local_ray):
 def test_local_ray_workers_get_mlflow_credentials_outside_the_uri(local_ray):
     assert local_ray["worker_env"]["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
     assert "s3cret" not in local_ray["worker_env"]["MLFLOW_TRACKING_URI"]
+
+
+@pytest.mark.slow
+def test_local_ray_workers_poll_training_runs_every_half_second(local_ray):
+    """The probe's environment has no RAY_ variable: Ray Train's default poll (2 s) becomes the jobs' 0.5 s."""
+    assert local_ray["worker_env"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == TRAIN_POLL_SECONDS == "0.5"
 
 
 def test_tracking_uri_moves_credentials_into_mlflows_variables(moved_credentials, monkeypatch):
