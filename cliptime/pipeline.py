@@ -2,7 +2,7 @@
 
     shards (checked, verified as read) or the task's generator -> decode once (map_batches, materialized)
                                                                                          = PreparedData
-      -> per run: the train split in a new block order each epoch                        = training_datasets
+      -> per run: the train split in a seeded block order                               = training_datasets
 
 A sweep prepares its data once on the driver and hands the prepared splits to every trial; each trial only adds
 its own shuffling, which is lazy. Random augmentation runs on the training device (`Task.train_transform`).
@@ -82,9 +82,9 @@ def steps_per_epoch(data: PreparedData, batch_size: int) -> int:
 
 
 def training_datasets(data: PreparedData, seed: int) -> dict[str, ray.data.Dataset]:
-    """The datasets a run's workers read: the train split in a new seeded block order each epoch; the validation
-    split as prepared.
+    """The datasets a run's workers read: the train split in a seeded block order (Ray Data keeps an integer seed's
+    order for every epoch); the validation split as prepared.
 
-    Rows are further mixed by each worker's local shuffle buffer (see cliptime.train): a batch mixes many
-    sequences and pairs without the cost of a global shuffle."""
+    Rows are mixed by each worker's local shuffle buffer (see cliptime.train), seeded anew each epoch: a batch
+    mixes many sequences and pairs without the cost of a global shuffle."""
     return {"train": data.splits["train"].randomize_block_order(seed=seed), "val": data.splits["val"]}

@@ -40,13 +40,15 @@ def init_ray(reserved_cpus: int = 0, log_to_driver: bool = True) -> None:
     workers print stays in Ray's log files (the session's `logs/` folder) instead of this process's output.
 
     Ray Train passes the poll interval (TRAIN_POLL_ENV) from the environment of the process that starts a run
-    to the run's controller and workers; a local Ray's processes inherit it from this one.
+    to the run's controller and workers. This driver starts a job's runs; a sweep's trials start theirs, and get
+    it from a local Ray's processes, which inherit this one's environment, or on a cluster from the job's.
     """
+    polls_set_here = TRAIN_POLL_ENV not in os.environ
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_SECONDS)
     if ray.is_initialized():
         return
     with handlers_kept(signal.SIGTERM):  # cliptime.cli.run_job's: SIGTERM stops a job as Ctrl-C does
-        _init_ray(reserved_cpus, log_to_driver)
+        _init_ray(reserved_cpus, log_to_driver, polls_set_here)
 
 
 @contextmanager
@@ -66,14 +68,17 @@ def handlers_kept(*signums: int):
                     signal.signal(signum, handler)
 
 
-def _init_ray(reserved_cpus: int, log_to_driver: bool) -> None:
+def _init_ray(reserved_cpus: int, log_to_driver: bool, polls_set_here: bool) -> None:
     if os.environ.get("RAY_ADDRESS"):
         # The cluster's processes do not inherit this driver's environment: the MLflow credentials that
-        # tracking_uri() took out of the URI reach them as the job's environment variables (the cluster's
-        # dashboard shows them with the job's runtime_env). Imported here: make_shards needs no MLflow.
+        # tracking_uri() took out of the URI, and the poll interval where the user set none, reach them as the
+        # job's environment variables (the cluster's dashboard shows them with the job's runtime_env; a variable
+        # the user set is theirs to pass, as a second copy would conflict). Imported here: make_shards needs no
+        # MLflow.
         from cliptime.tracking import MOVED_CREDENTIALS
 
-        env = {"env_vars": dict(MOVED_CREDENTIALS)} if MOVED_CREDENTIALS else None
+        env_vars = {**MOVED_CREDENTIALS, **({TRAIN_POLL_ENV: TRAIN_POLL_SECONDS} if polls_set_here else {})}
+        env = {"env_vars": env_vars} if env_vars else None
         ray.init(runtime_env=env, log_to_driver=log_to_driver)
         configure_ray_data()
     else:

@@ -27,10 +27,17 @@ SPLIT_COORDINATORS: dict[str, int] = {}  # Ray Data's coordinator actors in the 
 
 
 def split_coordinators() -> int:
-    """Ray Data's streaming-split coordinator actors of this Ray session so far, alive or ended."""
+    """Ray Data's streaming-split coordinator actors of the tests' Ray so far, alive or ended (asked of that Ray by
+    its address: another Ray on the machine must not answer)."""
+    import ray
     from ray.util.state import list_actors
 
-    found = list_actors(filters=[("class_name", "=", "SplitCoordinator")], limit=10_000, raise_on_missing_output=False)
+    found = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "SplitCoordinator")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
     return len(found)
 
 

@@ -171,8 +171,8 @@ def test_moved_credentials_still_reach_the_server(recording_server, moved_creden
 
 
 def test_a_cluster_gets_only_the_moved_credentials(moved_credentials, monkeypatch):
-    """A cluster's processes do not inherit the driver's environment; credentials the user set themselves are
-    theirs to pass (in the job's runtime_env, where a second copy would conflict)."""
+    """A cluster's processes do not inherit the driver's environment; credentials (and a Ray Train poll interval)
+    the user set themselves are theirs to pass (in the job's runtime_env, where a second copy would conflict)."""
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:5000")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
@@ -182,6 +182,10 @@ def test_a_cluster_gets_only_the_moved_credentials(moved_credentials, monkeypatc
     tracking.tracking_uri()
     runtime.init_ray()
     assert [call["runtime_env"] for call in calls] == [{"env_vars": {"MLFLOW_TRACKING_PASSWORD": "s3cret"}}]
+    # the poll interval where the user set none (the tests set theirs, tests/conftest.py)
+    monkeypatch.delenv(runtime.TRAIN_POLL_ENV)
+    runtime.init_ray()
+    assert calls[-1]["runtime_env"]["env_vars"][runtime.TRAIN_POLL_ENV] == runtime.TRAIN_POLL_SECONDS
 
 
 @pytest.mark.slow
