@@ -53,18 +53,20 @@ def init_ray(reserved_cpus: int = 0, log_to_driver: bool = True) -> None:
 
 @contextmanager
 def handlers_kept(*signums: int):
-    """Put back the handlers of `signums` this process had before the block, where it set them itself. Ray replaces
-    them and leaves its own in place: `ray.init` for a new local Ray sets a SIGTERM handler that kills Ray's
-    processes at once and exits (a job stopped so died of SIGABRT, tests/test_recovery.py); Ray Train's and Ray
-    Tune's runs set SIGINT handlers bound to the run, after which Ctrl-C no longer interrupts this process
-    (tests/test_serve.py's Ctrl-C after a sweep in the same process). Only the main thread may set handlers."""
+    """Put back the handlers of `signums` this process had before the block: a Python function, or "ignore" or
+    "default" (a process started in the background by a script ignores SIGINT). Ray replaces them and leaves its
+    own in place: `ray.init` for a new local Ray sets a SIGTERM handler that kills Ray's processes at once and
+    exits (a job stopped so died of SIGABRT, tests/test_recovery.py); Ray Train's and Ray Tune's runs set SIGINT
+    handlers bound to the run, which swallow the next two Ctrl-Cs after the run (tests/test_serve.py's Ctrl-C
+    after a sweep in the same process). A handler set outside Python (None) cannot be put back. Only the main
+    thread may set handlers."""
     handlers = {signum: signal.getsignal(signum) for signum in signums}
     try:
         yield
     finally:
         if threading.current_thread() is threading.main_thread():
             for signum, handler in handlers.items():
-                if callable(handler):
+                if handler is not None:
                     signal.signal(signum, handler)
 
 

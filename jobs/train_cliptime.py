@@ -11,7 +11,7 @@ from pathlib import Path
 # Prefer the checkout this script sits in (a `ray job submit --working-dir` copy) over an installed cliptime.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cliptime.cli import train_main  # noqa: E402
+from cliptime.cli import exit_process, train_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(train_main("cliptime", __doc__))
+    exit_process(train_main("cliptime", __doc__))

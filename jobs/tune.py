@@ -13,7 +13,7 @@ from pathlib import Path
 # Prefer the checkout this script sits in (a `ray job submit --working-dir` copy) over an installed cliptime.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cliptime.cli import tune_main  # noqa: E402
+from cliptime.cli import exit_process, tune_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(tune_main())
+    exit_process(tune_main())

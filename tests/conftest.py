@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -154,8 +155,20 @@ def registered_versions(uri: str, name: str) -> list:
         return []
 
 
-def ray_start(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """A `ray start --block` node in its own process group, as a user starts one from the activated venv.
+@dataclass
+class RayNode:
+    """A `ray start --block` process and the file its output goes to."""
+
+    proc: subprocess.Popen
+    output: Path
+
+    def said(self) -> str:
+        return self.output.read_text()
+
+
+def ray_start(*args: str, env: dict | None = None) -> RayNode:
+    """A `ray start --block` node in its own process group, as a user starts one from the activated venv; its output
+    goes to a file in its temp folder (`wait_started` shows it when the node does not come up).
 
     A head (`--head`) enables token authentication itself; a node joining it gets RAY_AUTH_MODE=token. The
     venv's bin directory goes first on PATH because a job's `python` is looked up there (CI runs
@@ -164,28 +177,48 @@ def ray_start(*args: str, env: dict | None = None) -> subprocess.Popen:
     if "--head" not in args:
         node_env["RAY_AUTH_MODE"] = "token"
     node_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # Stopped (SIGTERM), a node first asks its cluster's GCS to drain it, for up to 30 s. `ray_stop` signals the
+    # head's whole process group, its GCS too, and the head then waited out the 30 s for its gone GCS (34.7 s to
+    # stop the test_cluster pair). The tests stop nodes with nothing running on them: no draining.
+    node_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     node_env.update(env or {})
     # Every node its own (short) temp folder: a node joining on the same machine would otherwise share the head's,
     # and unpack a job's --working-dir into the same folder again, replacing it under the running job (a sweep's
     # driver lost its working directory).
-    extra = [f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"]
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    extra = [f"--temp-dir={temp_dir}"]
     # Every node's dashboard agent serves HTTP (on a head, the job API) on 52365 unless told otherwise, and the
     # tests' own Ray already holds that port: an agent that cannot bind leaves `ray job submit` "no available agent".
     extra.append(f"--dashboard-agent-listen-port={free_port()}")
-    return subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args, *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=node_env,
-        start_new_session=True,
-    )
+    output = temp_dir / "ray-start.out"
+    with output.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args, *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=node_env,
+            start_new_session=True,
+        )
+    return RayNode(proc, output)
 
 
-def ray_stop(*nodes: subprocess.Popen) -> None:
+def wait_started(*nodes: RayNode, timeout: float = 180) -> None:
+    """Wait until every node's `ray start` says its runtime started. A node that exits first, or takes longer than
+    `timeout`, fails the test with its output: a head that died at its start left a job waiting for it until the
+    job's own timeout (10 minutes), and said nothing."""
+    deadline = time.time() + timeout
+    for node in nodes:
+        while "Ray runtime started." not in node.said():
+            assert node.proc.poll() is None, f"ray start exited ({node.proc.returncode}):\n{node.said()[-3000:]}"
+            assert time.time() < deadline, f"ray start did not finish in {timeout} s:\n{node.said()[-3000:]}"
+            time.sleep(0.2)
+
+
+def ray_stop(*nodes: RayNode) -> None:
     """Stop nodes from `ray_start` (never `ray stop`: it would also stop the tests' own Ray)."""
     for node in reversed(nodes):
-        os.killpg(node.pid, signal.SIGTERM)
-        node.wait(timeout=60)
+        os.killpg(node.proc.pid, signal.SIGTERM)
+        node.proc.wait(timeout=60)
 
 
 def last_json_line(out: str) -> dict:

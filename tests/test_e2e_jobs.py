@@ -120,3 +120,19 @@ def test_killed_job_resumes_from_its_checkpoint_with_one_history(mlflow_store, t
     assert f"model: cliptime version {result['model_version']}" in proc.stdout
     assert f"browse: mlflow ui --backend-store-uri {mlflow_store}" in proc.stdout
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_a_job_script_exits_with_its_code_and_its_heap_frozen():
+    """The job scripts end through `cliptime.cli.exit_process`: the code comes through, the objects alive at exit
+    are frozen (out of the final garbage collections) when the atexit handlers run, and the handlers still run."""
+    code = (
+        "import atexit, gc\n"
+        "from cliptime.cli import exit_process\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count()))\n"
+        "exit_process(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert int(proc.stdout.removeprefix("frozen at exit:")) > 100_000  # the imported libraries' objects
+    for script in sorted((ROOT / "jobs").glob("*.py")):
+        assert "\n    exit_process(" in script.read_text(), script

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ from cliptime.cli import predict_main
 from cliptime.errors import CliptimeError
 from cliptime.predict import load
 from cliptime.registry import load_files
-from cliptime.runtime import TRAIN_POLL_ENV, TRAIN_POLL_SECONDS, Storage, init_ray
+from cliptime.runtime import TRAIN_POLL_ENV, TRAIN_POLL_SECONDS, Storage, handlers_kept, init_ray
 from tests.conftest import registered_versions
 from tests.toy_task import ToyConfig, ToyTask
 
@@ -84,6 +85,22 @@ def test_a_poll_interval_set_in_the_environment_is_kept(ray_session, monkeypatch
     monkeypatch.delenv(TRAIN_POLL_ENV)
     init_ray()
     assert os.environ[TRAIN_POLL_ENV] == TRAIN_POLL_SECONDS
+
+
+@pytest.mark.parametrize(
+    "before", [signal.default_int_handler, signal.SIG_IGN, signal.SIG_DFL], ids=["python's", "ignored", "default"]
+)
+def test_sigint_is_handled_after_a_run_as_before_it(before):
+    """Ray Train's and Tune's runs leave a SIGINT handler bound to the run, which swallows the next Ctrl-Cs;
+    `handlers_kept`, around every run a job starts, puts back what was there, "ignored" too (a background job of
+    a shell script)."""
+    outer = signal.signal(signal.SIGINT, before)
+    try:
+        with handlers_kept(signal.SIGINT):
+            signal.signal(signal.SIGINT, lambda signum, frame: None)  # as a run's handler
+        assert signal.getsignal(signal.SIGINT) == before
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_the_data_are_made_once(toy_run):

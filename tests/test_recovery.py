@@ -33,7 +33,8 @@ from cliptime import job
 from cliptime.cli import run_job
 from tests.toy_task import ToyConfig, ToyTask
 tc = ToyTask.train_config(**json.loads(sys.argv[1]))
-sys.exit(run_job(lambda: job.run(ToyTask(ToyConfig(rows=int(sys.argv[2]))), tc)))
+toy = ToyConfig(rows=int(sys.argv[2]), hold_file=sys.argv[3] if len(sys.argv) > 3 else "")
+sys.exit(run_job(lambda: job.run(ToyTask(toy), tc)))
 """
 
 
@@ -91,8 +92,10 @@ def env_with(uri: str, **extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, **extra}
 
 
-def train_driver(spawn, settings: dict, rows: int, env: dict, logs: Path) -> Driver:
-    return spawn([sys.executable, "-c", TRAIN_DRIVER, json.dumps(settings), str(rows)], env, logs)
+def train_driver(spawn, settings: dict, rows: int, env: dict, logs: Path, hold: Path | None = None) -> Driver:
+    """A toy job's driver; `hold`: the toy task's hold_file."""
+    args = [json.dumps(settings), str(rows), *([str(hold)] if hold else [])]
+    return spawn([sys.executable, "-c", TRAIN_DRIVER, *args], env, logs)
 
 
 def epochs_trained(output: str) -> list[int]:
@@ -288,19 +291,22 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(ray_session, t
 # -- 4. the MLflow server restarted mid-run -------------------------------------------------------------------
 def test_a_job_outlives_an_mlflow_server_restart_and_logs_every_epoch(migrated_store_file, tmp_path, spawn):
     """The server goes away after the first epoch and comes back some seconds later: the job trains on, warns
-    about the epochs it could not log, logs them from its checkpoint at the end, and finishes its run.
+    about the epochs it could not log, logs them from its checkpoint at the end, and finishes its run. The run is
+    held before its next validation from the first such warning until the server is back (the toy task's
+    `hold_file`): on a fast machine the run would otherwise end, and fail to log, while the server starts.
 
     The epoch logger runs in Ray Train's controller, a Ray worker: it has the environment of the process that
     started Ray, and of the driver's only the variables Ray Train passes on (its own). The tests' Ray started
     before this test set anything, so the job runs as a process of its own, with MLflow's retries cut to
     seconds."""
     shutil.copy(migrated_store_file, tmp_path / "mlflow.db")
-    server, storage, epochs = MlflowServer(tmp_path), tmp_path / "storage", 14  # training outlasts the restart
+    server, storage, epochs = MlflowServer(tmp_path), tmp_path / "storage", 8
+    hold = tmp_path / "hold"
     server.start()
     retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # gives up in 1 s
     env = env_with(server.uri, **retries, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0")
     settings = {"epochs": epochs, "storage_path": str(storage), "name": "outage", "experiment": "rec"}
-    job = train_driver(spawn, {**settings, "register": False}, 8192, env, tmp_path / "job")
+    job = train_driver(spawn, {**settings, "register": False}, 8192, env, tmp_path / "job", hold)
     try:
         job.wait_for(lambda: Storage(str(storage)).read("outage", "cliptime_run.json") is not None)
         run_id = Storage(str(storage)).read("outage", "cliptime_run.json")["mlflow_run_id"]
@@ -309,9 +315,11 @@ def test_a_job_outlives_an_mlflow_server_restart_and_logs_every_epoch(migrated_s
         server.kill()
         down = time.time()
         job.wait_for(lambda: "not logged to MLflow" in job.stdout())  # the logger gave up on an epoch
+        hold.touch()
         server.start()
         outage = time.time() - down
-        assert job.proc.poll() is None, "the job should still be training when the server is back"
+        assert job.proc.poll() is None, "the job should be held, not ended, while the server is down"
+        hold.unlink()
         assert job.finish() == 0, job.tail()
         missed = sorted({int(e) for e in re.findall(r"warning: epoch (\d+) not logged to MLflow", job.stdout())})
         assert missed and 0 not in missed

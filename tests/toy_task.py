@@ -2,12 +2,14 @@
 takes (plus a job script, `cliptime.cli.train_main("tests.toy_task:ToyTask", ...)`): the generic job shell,
 sweeps, registry and prediction serve it unchanged. Its data are known (the label is x[0] > x[1]), so a trained
 model must beat chance by far; each generation appends a line per block to `generate_log`, so tests can count
-how often a job or sweep makes its data."""
+how often a job or sweep makes its data, and a file can hold a run between its epochs."""
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ class ToyConfig:
     data_seed: int = option(0, "seed of the generated data")
     hidden: int = option(16, "hidden width")
     generate_log: str = option("", "a file that each generated block appends a line to")
+    hold_file: str = option("", "while this file exists, evaluation waits: a test holds a run between epochs")
 
 
 def make_rows(block: int, *, seed: int, split: str, rows: int, log: str) -> dict[str, list]:
@@ -92,6 +95,8 @@ class ToyTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
+        while self.cfg.hold_file and os.path.exists(self.cfg.hold_file):
+            time.sleep(0.1)
         model.eval()
         logits, labels = zip(*((model(b["x"]), b["label"]) for b in batches))
         logits, labels = torch.cat(logits), torch.cat(labels)
