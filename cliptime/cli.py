@@ -27,15 +27,26 @@ def user_error(e: BaseException) -> CliptimeError | None:
     return find_cause(e, lambda cause: isinstance(cause, CliptimeError))
 
 
+def stop_as_ctrl_c(signum: int, frame) -> None:
+    """A SIGTERM handler: run the SIGINT handler in force (Python's raises KeyboardInterrupt; Ray Tune's and Ray
+    Train's stop their run gracefully), or raise KeyboardInterrupt where SIGINT is ignored or left to the system.
+    The handler is called, not sent SIGINT: a process whose SIGINT is ignored (a script's background job) or
+    blocked (the entrypoint of `ray job submit`: Ray blocks SIGINT in its processes) would never get it."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
 def run_job(job: Callable[[], object]) -> int:
     """Run `job`; print its result's JSON as the last stdout line (exit 0) or a one-line error (exit 2; 130 for a
     job stopped by Ctrl-C or SIGTERM)."""
     ray_was_up = ray.is_initialized()
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
-        # SIGTERM (a scheduler's stop, `kill`) stops a job as Ctrl-C does: runs marked KILLED, state kept for
-        # --resume. Raising SIGINT hands it to whichever handler is in force (Python's, or Ray Tune's graceful one).
-        on_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+        # SIGTERM (a scheduler's stop, `kill`, `ray job stop`) stops a job as Ctrl-C does: runs marked KILLED, state
+        # kept for --resume.
+        on_sigterm = signal.signal(signal.SIGTERM, stop_as_ctrl_c)
     try:
         result = job()
     except Exception as e:
@@ -62,8 +73,10 @@ def exit_process(code: int) -> NoReturn:
     """End a job script's process with `code`, without the garbage collector's passes over every object still
     alive at exit (torch, Ray, MLflow and the rest of a job's heap; they took 2.5-3 s of the 4.8-5.2 s between
     a job's JSON line and its exit here: benchmarks/results/job-exit-2026-12-07.md). The process's memory goes
-    back with it; what runs at exit (atexit handlers, the flushing of open files) still runs. For the scripts
-    only: frozen objects are never collected, which a process that goes on (a test session) would feel."""
+    back with it; the atexit handlers (logging's, MLflow's, Ray's) and the flushing of stdout and stderr still
+    run. A file left open in a reference cycle would no longer be flushed by its collection: the job closes its
+    files itself. For the scripts only: frozen objects are never collected, which a process that goes on (a test
+    session) would feel."""
     gc.freeze()
     sys.exit(code)
 

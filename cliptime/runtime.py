@@ -57,7 +57,7 @@ def handlers_kept(*signums: int):
     "default" (a process started in the background by a script ignores SIGINT). Ray replaces them and leaves its
     own in place: `ray.init` for a new local Ray sets a SIGTERM handler that kills Ray's processes at once and
     exits (a job stopped so died of SIGABRT, tests/test_recovery.py); Ray Train's and Ray Tune's runs set SIGINT
-    handlers bound to the run, which swallow the next two Ctrl-Cs after the run (tests/test_serve.py's Ctrl-C
+    handlers bound to the run, which swallow the next Ctrl-C or two after the run (tests/test_serve.py's Ctrl-C
     after a sweep in the same process). A handler set outside Python (None) cannot be put back. Only the main
     thread may set handlers."""
     handlers = {signum: signal.getsignal(signum) for signum in signums}

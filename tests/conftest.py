@@ -217,7 +217,8 @@ def wait_started(*nodes: RayNode, timeout: float = 180) -> None:
 def ray_stop(*nodes: RayNode) -> None:
     """Stop nodes from `ray_start` (never `ray stop`: it would also stop the tests' own Ray)."""
     for node in reversed(nodes):
-        os.killpg(node.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a node that died with its process group (wait_started)
+            os.killpg(node.proc.pid, signal.SIGTERM)
         node.proc.wait(timeout=60)
 
 

@@ -55,7 +55,7 @@ def answers(url: str) -> bool:
     try:
         requests.get(url, timeout=5)  # any answer, "unauthorized" too: the server is up
         return True
-    except requests.ConnectionError:
+    except requests.RequestException:  # refused, or too slow to answer yet
         return False
 
 

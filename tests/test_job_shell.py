@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cliptime import job
-from cliptime.cli import predict_main
-from cliptime.errors import CliptimeError
+from cliptime.cli import predict_main, run_job
+from cliptime.errors import CliptimeError, Interrupted
 from cliptime.predict import load
 from cliptime.registry import load_files
 from cliptime.runtime import TRAIN_POLL_ENV, TRAIN_POLL_SECONDS, Storage, handlers_kept, init_ray
@@ -101,6 +102,32 @@ def test_sigint_is_handled_after_a_run_as_before_it(before):
         assert signal.getsignal(signal.SIGINT) == before
     finally:
         signal.signal(signal.SIGINT, outer)
+
+
+@pytest.mark.parametrize("sigint", ["python's", "ignored", "blocked"])
+def test_sigterm_stops_a_job_as_ctrl_c_does_whatever_sigint_is(sigint, capsys):
+    """`run_job` turns SIGTERM into a stop (exit 130, one "stopped:" line) by running SIGINT's handler itself, so
+    it works where SIGINT is ignored (a script's background job) or blocked (Ray blocks it in the entrypoint of a
+    job from `ray job submit`, which `ray job stop` sends SIGTERM): sending SIGINT there would do nothing."""
+
+    def job():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(3)  # a stop interrupts this
+        except KeyboardInterrupt:
+            raise Interrupted("toy: interrupted") from None
+        return {"stopped": False}
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    if sigint == "blocked":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        assert run_job(job) == 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGINT left pending is dropped, not raised in pytest
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+    assert capsys.readouterr().err.strip() == "stopped: toy: interrupted"
 
 
 def test_the_data_are_made_once(toy_run):

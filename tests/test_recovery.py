@@ -289,48 +289,54 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(ray_session, t
 
 
 # -- 4. the MLflow server restarted mid-run -------------------------------------------------------------------
+def hold_at(hold: Path, epoch: int) -> None:
+    """Hold a toy run (its `hold_file`) at the start of `epoch`: the file replaced whole, never read half-written."""
+    hold.with_suffix(".new").write_text(str(epoch))
+    os.replace(hold.with_suffix(".new"), hold)
+
+
 def test_a_job_outlives_an_mlflow_server_restart_and_logs_every_epoch(migrated_store_file, tmp_path, spawn):
-    """The server goes away after the first epoch and comes back some seconds later: the job trains on, warns
-    about the epochs it could not log, logs them from its checkpoint at the end, and finishes its run. The run is
-    held before its next validation from the first such warning until the server is back (the toy task's
-    `hold_file`): on a fast machine the run would otherwise end, and fail to log, while the server starts.
+    """The server goes away between two epochs and comes back some seconds later: the job trains on, warns about
+    the epoch it could not log, logs it from its checkpoint at the end, and finishes its run. The run is held
+    (the toy task's `hold_file`) so that exactly one epoch, the third, ends while the server is down, and the next
+    waits until it is back: on a fast machine the run would otherwise end, and fail to log, while the server
+    starts; on a slow one it could end an epoch before the server went down.
 
     The epoch logger runs in Ray Train's controller, a Ray worker: it has the environment of the process that
     started Ray, and of the driver's only the variables Ray Train passes on (its own). The tests' Ray started
     before this test set anything, so the job runs as a process of its own, with MLflow's retries cut to
     seconds."""
     shutil.copy(migrated_store_file, tmp_path / "mlflow.db")
-    server, storage, epochs = MlflowServer(tmp_path), tmp_path / "storage", 8
-    hold = tmp_path / "hold"
+    server, storage, epochs, hold = MlflowServer(tmp_path), tmp_path / "storage", 5, tmp_path / "hold"
+    hold_at(hold, 2)
     server.start()
     retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # gives up in 1 s
     env = env_with(server.uri, **retries, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0")
     settings = {"epochs": epochs, "storage_path": str(storage), "name": "outage", "experiment": "rec"}
-    job = train_driver(spawn, {**settings, "register": False}, 8192, env, tmp_path / "job", hold)
+    job = train_driver(spawn, {**settings, "register": False}, 2048, env, tmp_path / "job", hold)
     try:
         job.wait_for(lambda: Storage(str(storage)).read("outage", "cliptime_run.json") is not None)
         run_id = Storage(str(storage)).read("outage", "cliptime_run.json")["mlflow_run_id"]
         client = MlflowClient(server.uri)
-        job.wait_for(lambda: steps(client, run_id))  # the first epoch is logged
+        job.wait_for(lambda: steps(client, run_id) == [0, 1])  # logged, and the run waits at epoch 2
         server.kill()
         down = time.time()
-        job.wait_for(lambda: "not logged to MLflow" in job.stdout())  # the logger gave up on an epoch
-        hold.touch()
+        hold_at(hold, 3)  # epoch 2 trains and ends while the server is down
+        job.wait_for(lambda: "warning: epoch 2 not logged to MLflow" in job.stdout())
         server.start()
         outage = time.time() - down
-        assert job.proc.poll() is None, "the job should be held, not ended, while the server is down"
         hold.unlink()
         assert job.finish() == 0, job.tail()
         missed = sorted({int(e) for e in re.findall(r"warning: epoch (\d+) not logged to MLflow", job.stdout())})
-        assert missed and 0 not in missed
-        assert steps(client, run_id) == list(range(epochs))  # every epoch once, the missed ones too
+        assert missed == [2]
+        assert steps(client, run_id) == list(range(epochs))  # every epoch once, the missed one too
         assert "ended_at" not in client.get_run(run_id).data.metrics  # history bookkeeping, not a metric
         assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         if server.proc.poll() is None:
             server.kill()
     print(
-        f"\nRECOVERY: MLflow server down {outage:.1f} s (killed after epoch 0, up again after a restart); the job "
+        f"\nRECOVERY: MLflow server down {outage:.1f} s (killed after epoch 1, up again after a restart); the job "
         f"trained on, exit 0; epochs {missed} missed by the epoch logger were logged from the checkpoint at the "
         f"end: {epochs} epochs in the history, each once"
     )

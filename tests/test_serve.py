@@ -217,8 +217,6 @@ def test_the_serve_config_is_this_app_with_valid_settings():
 def test_jobs_serve_serves_tclap_as_predict_does_and_ctrl_c_stops_it(app, monkeypatch, capsys):
     """serve_main as jobs/serve.py runs it, with a T-CLAP model, on the session's Ray (so Ctrl-C deletes its app and
     leaves Serve and the other apps running). A client thread sends the requests, then Ctrl-C."""
-    # Ctrl-C as at a terminal, however pytest was started (a shell's background job ignores SIGINT)
-    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", app.store)
     task, model = load("models:/tclap/1", app.store)
     clip = wav(1, task.model_audio["sample_rate"], task.model_audio["clip_samples"])
@@ -250,6 +248,8 @@ def test_jobs_serve_serves_tclap_as_predict_does_and_ctrl_c_stops_it(app, monkey
             if not done.is_set():  # never a Ctrl-C for pytest itself
                 signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C
 
+    # Ctrl-C as at a terminal, however pytest was started (a shell's background job ignores SIGINT)
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=client, daemon=True).start()
     try:
         code = serve_main(["models:/tclap/1", "--port", str(app.port)])

@@ -2,15 +2,15 @@
 takes (plus a job script, `cliptime.cli.train_main("tests.toy_task:ToyTask", ...)`): the generic job shell,
 sweeps, registry and prediction serve it unchanged. Its data are known (the label is x[0] > x[1]), so a trained
 model must beat chance by far; each generation appends a line per block to `generate_log`, so tests can count
-how often a job or sweep makes its data, and a file can hold a run between its epochs."""
+how often a job or sweep makes its data, and a file can hold a run at the start of an epoch."""
 
 from __future__ import annotations
 
 import argparse
 import io
-import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ class ToyConfig:
     data_seed: int = option(0, "seed of the generated data")
     hidden: int = option(16, "hidden width")
     generate_log: str = option("", "a file that each generated block appends a line to")
-    hold_file: str = option("", "while this file exists, evaluation waits: a test holds a run between epochs")
+    hold_file: str = option("", "a file naming an epoch: while it exists, training waits at that epoch and later ones")
 
 
 def make_rows(block: int, *, seed: int, split: str, rows: int, log: str) -> dict[str, list]:
@@ -44,6 +44,13 @@ def make_rows(block: int, *, seed: int, split: str, rows: int, log: str) -> dict
     rng = np.random.default_rng([seed, ("train", "val", "test").index(split), block])
     x = rng.normal(size=(rows, 4)).astype(np.float32)
     return {"x": [v.tobytes() for v in x], "label": [LABELS[int(a <= b)] for a, b, *_ in x]}
+
+
+def wait_while_held(hold_file: str, epoch: int) -> None:
+    """Wait while `hold_file` exists and names `epoch` or an earlier one (the test that holds the run replaces the
+    file whole, never writes it in place)."""
+    while Path(hold_file).exists() and epoch >= int(Path(hold_file).read_text()):
+        time.sleep(0.1)
 
 
 def decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,13 +97,13 @@ class ToyTask(Task):
         return nn.Sequential(nn.Linear(4, self.cfg.hidden), nn.ReLU(), nn.Linear(self.cfg.hidden, len(LABELS)))
 
     def loss(self, model, batch, epoch=None, epochs=None):
+        if self.cfg.hold_file:
+            wait_while_held(self.cfg.hold_file, epoch)
         ce = F.cross_entropy(model(batch["x"]), batch["label"])
         return ce, {"ce": ce}
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        while self.cfg.hold_file and os.path.exists(self.cfg.hold_file):
-            time.sleep(0.1)
         model.eval()
         logits, labels = zip(*((model(b["x"]), b["label"]) for b in batches))
         logits, labels = torch.cat(logits), torch.cat(labels)
