@@ -71,7 +71,7 @@ def run_job(job: Callable[[], object]) -> int:
 
 def exit_process(code: int) -> NoReturn:
     """End a job script's process with `code`, without the garbage collector's passes over every object still
-    alive at exit (torch, Ray, MLflow and the rest of a job's heap; they took 2.5-3 s of the 4.8-5.2 s between
+    alive at exit (torch, Ray, MLflow and the rest of a job's heap; they took 2.4-3.2 s of the 4.7-5.2 s between
     a job's JSON line and its exit here: benchmarks/results/job-exit-2026-12-07.md). The process's memory goes
     back with it; the atexit handlers (logging's, MLflow's, Ray's) and the flushing of stdout and stderr still
     run. A file left open in a reference cycle would no longer be flushed by its collection: the job closes its

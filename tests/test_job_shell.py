@@ -104,30 +104,41 @@ def test_sigint_is_handled_after_a_run_as_before_it(before):
         signal.signal(signal.SIGINT, outer)
 
 
-@pytest.mark.parametrize("sigint", ["python's", "ignored", "blocked"])
+@pytest.mark.parametrize("sigint", ["python's", "a run's", "ignored", "blocked"])
 def test_sigterm_stops_a_job_as_ctrl_c_does_whatever_sigint_is(sigint, capsys):
-    """`run_job` turns SIGTERM into a stop (exit 130, one "stopped:" line) by running SIGINT's handler itself, so
-    it works where SIGINT is ignored (a script's background job) or blocked (Ray blocks it in the entrypoint of a
-    job from `ray job submit`, which `ray job stop` sends SIGTERM): sending SIGINT there would do nothing."""
+    """`run_job` turns SIGTERM into a stop (exit 130, one "stopped:" line) by running SIGINT's handler itself: a
+    run's own (Ray Tune's and Ray Train's stop their run gracefully) is called, not bypassed, and the stop works
+    where SIGINT is ignored (a script's background job) or blocked (Ray blocks it in the entrypoint of a job from
+    `ray job submit`): sending SIGINT there would do nothing. SIGTERM's handler is put back after the job."""
+    run_stops = []  # what the run's handler saw: as Ray Tune's, it flags the run to stop and returns
 
     def job():
         try:
             signal.raise_signal(signal.SIGTERM)
-            time.sleep(3)  # a stop interrupts this
+            deadline = time.time() + 3
+            while not run_stops and time.time() < deadline:  # a stop interrupts this, or flags it
+                time.sleep(0.05)
         except KeyboardInterrupt:
             raise Interrupted("toy: interrupted") from None
+        if run_stops:
+            raise Interrupted("toy: interrupted")
         return {"stopped": False}
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
-    if sigint == "blocked":
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = {"a run's": lambda signum, frame: run_stops.append(signum), "ignored": signal.SIG_IGN}
+    sigterm_before, sigint_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     try:
+        signal.signal(signal.SIGINT, handler.get(sigint, signal.default_int_handler))
+        if sigint == "blocked":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         assert run_job(job) == 130
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGINT left pending is dropped, not raised in pytest
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask_before)
+        signal.signal(signal.SIGINT, sigint_before)
     assert capsys.readouterr().err.strip() == "stopped: toy: interrupted"
+    assert run_stops == ([signal.SIGINT] if sigint == "a run's" else [])
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before
 
 
 def test_the_data_are_made_once(toy_run):

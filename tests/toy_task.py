@@ -48,8 +48,14 @@ def make_rows(block: int, *, seed: int, split: str, rows: int, log: str) -> dict
 
 def wait_while_held(hold_file: str, epoch: int) -> None:
     """Wait while `hold_file` exists and names `epoch` or an earlier one (the test that holds the run replaces the
-    file whole, never writes it in place)."""
-    while Path(hold_file).exists() and epoch >= int(Path(hold_file).read_text()):
+    file whole, never writes it in place, and may delete it at any time)."""
+    while True:
+        try:
+            held_from = int(Path(hold_file).read_text())
+        except FileNotFoundError:
+            return
+        if epoch < held_from:
+            return
         time.sleep(0.1)
 
 
