@@ -33,7 +33,7 @@ from cliptime import job
 from cliptime.cli import run_job
 from tests.toy_task import ToyConfig, ToyTask
 tc = ToyTask.train_config(**json.loads(sys.argv[1]))
-toy = ToyConfig(rows=int(sys.argv[2]), hold_file=sys.argv[3] if len(sys.argv) > 3 else "")
+toy = ToyConfig(rows=int(sys.argv[2]), hold_file=sys.argv[3])
 sys.exit(run_job(lambda: job.run(ToyTask(toy), tc)))
 """
 
@@ -94,8 +94,7 @@ def env_with(uri: str, **extra: str) -> dict:
 
 def train_driver(spawn, settings: dict, rows: int, env: dict, logs: Path, hold: Path | None = None) -> Driver:
     """A toy job's driver; `hold`: the toy task's hold_file."""
-    args = [json.dumps(settings), str(rows), *([str(hold)] if hold else [])]
-    return spawn([sys.executable, "-c", TRAIN_DRIVER, *args], env, logs)
+    return spawn([sys.executable, "-c", TRAIN_DRIVER, json.dumps(settings), str(rows), str(hold or "")], env, logs)
 
 
 def epochs_trained(output: str) -> list[int]:
